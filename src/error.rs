@@ -1,0 +1,199 @@
+//! The one public error type.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::store::StoreError;
+
+/// A shareable, type-erased cause.
+pub(crate) type Cause = Arc<dyn StdError + Send + Sync + 'static>;
+
+/// Everything that can go wrong while obtaining an access token, grouped by what the
+/// application should do about it.
+///
+/// Messages carry the provider's `error` code and description, never a token, a client
+/// secret or a raw response body.
+#[derive(Clone, Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A person must consent again: the refresh token expired, was revoked, was used twice,
+    /// or none was ever stored. Retrying will not help.
+    #[error("a person must re-authorize: {reason}{}", provider_suffix(.provider))]
+    ReauthorizationRequired {
+        /// Why the grant is unusable.
+        reason: ReauthorizationReason,
+        /// The provider's error code and description, when it sent one.
+        provider: Option<ProviderError>,
+    },
+
+    /// The token endpoint rejected the client id or secret: a configuration problem of the
+    /// application, not of the user's grant. The stored tokens are kept.
+    #[error("the token endpoint rejected the client credentials (HTTP {status}){}", provider_suffix(.provider))]
+    ClientRejected {
+        /// The HTTP status of the rejection.
+        status: u16,
+        /// The provider's error code and description, when it sent one.
+        provider: Option<ProviderError>,
+    },
+
+    /// No usable token right now, but nothing is lost: the refresh token is kept and a later
+    /// call may succeed. `retry_after` says when the next attempt will be made.
+    #[error("no access token for now ({kind}); nothing was lost, retry later")]
+    Transient {
+        /// What kind of failure.
+        kind: TransientKind,
+        /// The earliest moment worth trying again, when known.
+        retry_after: Option<Duration>,
+        /// The underlying failure.
+        #[source]
+        source: Option<Cause>,
+    },
+
+    /// The token endpoint refused the request itself (`invalid_request`, `invalid_scope`,
+    /// `unsupported_grant_type`...): a configuration problem. The stored tokens are kept.
+    #[error("the token endpoint refused the request (HTTP {status}): {provider}")]
+    RequestRejected {
+        /// The HTTP status.
+        status: u16,
+        /// The provider's error code and description.
+        provider: ProviderError,
+    },
+
+    /// The token endpoint answered with something that could not be understood.
+    /// The refresh token that was sent may have been consumed; the stored one is kept.
+    #[error("the token endpoint sent an invalid response: {reason}")]
+    InvalidResponse {
+        /// What was wrong with it (never the body itself).
+        reason: String,
+    },
+
+    /// The token store failed.
+    #[error("the token store failed")]
+    Storage(#[source] StoreError),
+
+    /// The source is misconfigured (a bad URL, a missing credential...).
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+impl Error {
+    /// True when only a person re-authorizing the application can fix this.
+    pub fn needs_reauthorization(&self) -> bool {
+        matches!(self, Error::ReauthorizationRequired { .. })
+    }
+
+    /// True when waiting and retrying may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Error::Transient { .. } | Error::Storage(_))
+    }
+
+    /// For [`Error::Transient`]: when to try again.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Error::Transient { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    pub(crate) fn transient(kind: TransientKind, retry_after: Option<Duration>) -> Self {
+        Error::Transient {
+            kind,
+            retry_after,
+            source: None,
+        }
+    }
+}
+
+impl From<StoreError> for Error {
+    fn from(e: StoreError) -> Self {
+        Error::Storage(e)
+    }
+}
+
+/// Why a grant can no longer be refreshed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ReauthorizationReason {
+    /// The provider rejected the refresh token (`invalid_grant`): expired, revoked or reused.
+    RefreshTokenRejected,
+    /// The stored refresh token was already rejected earlier; it is kept for diagnosis only.
+    PreviouslyRejected,
+    /// The store holds no refresh token for the key and none was supplied.
+    NoRefreshToken,
+    /// The refresh token's own expiry has passed.
+    RefreshTokenExpired,
+}
+
+impl fmt::Display for ReauthorizationReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::RefreshTokenRejected => "the provider rejected the refresh token",
+            Self::PreviouslyRejected => "the stored refresh token was rejected earlier",
+            Self::NoRefreshToken => "no refresh token is stored for this key",
+            Self::RefreshTokenExpired => "the refresh token has expired",
+        })
+    }
+}
+
+/// What kind of transient failure happened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TransientKind {
+    /// The token endpoint could not be reached.
+    Connect,
+    /// The token endpoint did not answer in time.
+    Timeout,
+    /// The token endpoint answered with a server error (5xx).
+    ServerError(u16),
+    /// The token endpoint is rate limiting (429).
+    RateLimited,
+    /// An earlier failure is still being backed off from; no request was sent.
+    BackingOff,
+    /// Another holder kept the store's lease for too long.
+    LeaseBusy,
+    /// The connection broke while the response was read.
+    Interrupted,
+}
+
+impl fmt::Display for TransientKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Connect => f.write_str("token endpoint unreachable"),
+            Self::Timeout => f.write_str("token endpoint timed out"),
+            Self::ServerError(status) => write!(f, "token endpoint answered HTTP {status}"),
+            Self::RateLimited => f.write_str("rate limited by the token endpoint"),
+            Self::BackingOff => f.write_str("backing off after an earlier failure"),
+            Self::LeaseBusy => f.write_str("the store's refresh lease is busy"),
+            Self::Interrupted => f.write_str("connection interrupted"),
+        }
+    }
+}
+
+/// An OAuth error the provider returned: its `error` code and `error_description`
+/// (or the provider's equivalents), with any token or secret removed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProviderError {
+    /// The error code, such as `invalid_grant`.
+    pub code: String,
+    /// The human-readable description, when sent.
+    pub description: Option<String>,
+}
+
+impl fmt::Display for ProviderError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.code)?;
+        if let Some(d) = &self.description {
+            write!(f, ": {d}")?;
+        }
+        Ok(())
+    }
+}
+
+fn provider_suffix(provider: &Option<ProviderError>) -> String {
+    provider
+        .as_ref()
+        .map(|p| format!(" ({p})"))
+        .unwrap_or_default()
+}

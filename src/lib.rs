@@ -1,0 +1,95 @@
+//! Keeps OAuth 2.0 access tokens valid for as long as a user's one-time consent lasts.
+//!
+//! ```no_run
+//! use tokenkeeper::{ClientCredentials, FileStore, ProviderProfile, RefreshingTokenSource, TokenSource};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let source = RefreshingTokenSource::builder(
+//!     ProviderProfile::lucid(),
+//!     ClientCredentials::new("client-id", "client-secret"),
+//! )
+//! .store(FileStore::new("tokens"))        // one file per key, shared by processes
+//! .key("lucid:user-42")
+//! .initial_refresh_token("oauth2-...")    // used only when the store holds nothing
+//! .build()?;
+//!
+//! let token = source.access_token().await?; // token.secret() is the bearer string
+//! # let _ = token;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # What happens behind `access_token()`
+//!
+//! - A fresh cached token is returned after one lock-free load and one clock read.
+//! - A stale token (within the leeway of its expiry) is returned at once while one
+//!   refresh runs in the background; an expired one waits for that one refresh.
+//! - The refresh runs in a spawned task under the store's lease, reloads the stored token
+//!   set first (another process may have refreshed), presents the refresh token read under
+//!   the lease, and saves the rotated tokens with a compare-and-swap before anyone uses
+//!   them. Single-use refresh tokens are never presented twice, across tasks, processes
+//!   and machines that share a store.
+//! - Failures are typed ([`Error`]): [`Error::ReauthorizationRequired`] means a person
+//!   must consent again; [`Error::Transient`] means wait, nothing was lost.
+//!
+//! # Providers
+//!
+//! [`ProviderProfile`] describes a token endpoint as data: [`ProviderProfile::generic`]
+//! for any RFC 6749 provider, and [`ProviderProfile::lucid`], [`ProviderProfile::highq`],
+//! [`ProviderProfile::autodesk`] with each provider's wire quirks.
+//!
+//! # Stores
+//!
+//! [`MemoryStore`] (the default) for one process, [`FileStore`] for the processes of one
+//! machine, or your own [`TokenStore`].
+//!
+//! # Features
+//!
+//! | feature | what it adds |
+//! |---|---|
+//! | `testing` | [`testing`]: a provider simulator on loopback, for examples and your own tests |
+//! | `conformance` | `store::conformance`: the suite every [`TokenStore`] must pass |
+#![deny(missing_docs)]
+#![warn(
+    missing_debug_implementations,
+    unreachable_pub,
+    clippy::future_not_send
+)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod clock;
+mod error;
+mod http;
+pub mod provider;
+mod refresh;
+mod secret;
+mod source;
+pub mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
+mod token;
+
+pub use clock::{Clock, ManualClock, SystemClock, TokioClock};
+pub use error::{Error, ProviderError, ReauthorizationReason, TransientKind};
+pub use provider::ProviderProfile;
+pub use refresh::{Builder, RefreshingTokenSource};
+pub use secret::{AccessToken, ClientCredentials, ClientSecret, RefreshToken};
+pub use source::TokenSource;
+pub use store::{FileStore, MemoryStore, TokenStore, Versioned};
+pub use token::{DEFAULT_LEEWAY, ExpiryFields, Freshness, TokenSet, absolute_expiry};
+
+/// A serde_json error described by kind and position only: its own message may quote
+/// the input, which can hold a token.
+pub(crate) fn json_error_summary(e: &serde_json::Error) -> String {
+    let kind = match e.classify() {
+        serde_json::error::Category::Io => "read error",
+        serde_json::error::Category::Syntax => "syntax error",
+        serde_json::error::Category::Data => "unexpected field type or missing field",
+        serde_json::error::Category::Eof => "truncated",
+    };
+    if e.line() == 0 {
+        kind.to_owned()
+    } else {
+        format!("{kind} at line {} column {}", e.line(), e.column())
+    }
+}

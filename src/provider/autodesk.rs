@@ -1,0 +1,35 @@
+//! Autodesk Platform Services (APS), Authentication v2.
+
+use std::time::Duration;
+
+use super::{ClientAuth, EpochUnit, ProviderProfile, Rotation, static_url};
+
+/// The APS v2 token endpoint.
+pub const AUTODESK_TOKEN_URL: &str = "https://developer.api.autodesk.com/authentication/v2/token";
+
+impl ProviderProfile {
+    /// Autodesk Platform Services v2: a form body; confidential clients authenticate with
+    /// Basic and put no credentials in the body, public clients send `client_id` alone;
+    /// optional `scope` on refresh (set [`refresh_scope`](Self::refresh_scope)); 15-day
+    /// single-use refresh tokens; the old access token stays valid; RFC or Autodesk-shaped
+    /// error bodies; 429 with `Retry-After`.
+    pub fn autodesk() -> Self {
+        Self {
+            client_auth: ClientAuth::BasicAuth,
+            expires_at_field: Some(("expires_at".into(), EpochUnit::Auto)),
+            refresh_token_lifetime: Some(Duration::from_secs(15 * 24 * 3600)),
+            rotation: Rotation::SingleUse,
+            ..Self::rfc6749("autodesk", static_url(AUTODESK_TOKEN_URL))
+        }
+    }
+
+    /// Requests `scopes` (the same as granted, or a subset) on every refresh.
+    pub fn with_refresh_scope<I, S>(mut self, scopes: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.refresh_scope = Some(scopes.into_iter().map(Into::into).collect());
+        self
+    }
+}

@@ -1,0 +1,268 @@
+//! The conformance suite every [`TokenStore`] must pass (feature `conformance`), yours
+//! included. Not API-stable: checks are added as the contract is sharpened.
+//!
+//! ```no_run
+//! # async fn run() {
+//! use tokenkeeper::store::conformance;
+//! let store = tokenkeeper::MemoryStore::new();
+//! conformance::run(&store, conformance::Leases::Expiring).await;
+//! # }
+//! ```
+//!
+//! Each check panics with a message naming the broken property. Keys are made unique per
+//! run, so a shared server can be used.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use time::OffsetDateTime;
+
+use super::{StoreError, TokenStore};
+use crate::secret::{AccessToken, RefreshToken};
+use crate::token::TokenSet;
+
+/// How the store's leases end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Leases {
+    /// Leases expire after their ttl and carry fencing numbers (Memory, Redis, PostgreSQL).
+    Expiring,
+    /// Leases are held until released or until the holder dies (FileStore's OS locks).
+    ProcessBound,
+}
+
+/// Runs every check against `store`.
+pub async fn run(store: &dyn TokenStore, leases: Leases) {
+    load_of_a_missing_key_is_none(store).await;
+    save_then_load_round_trips(store).await;
+    compare_and_swap_rejects_a_stale_version(store).await;
+    keys_are_independent(store).await;
+    lease_excludes_a_second_holder(store).await;
+    concurrent_savers_of_one_version_exactly_one_wins(store).await;
+    if leases == Leases::Expiring {
+        an_expired_lease_can_be_taken_over(store).await;
+        an_expired_holder_cannot_overwrite_a_newer_token(store).await;
+    }
+}
+
+/// Persistence: what `first` saved, `second` (a new instance over the same storage) loads.
+pub async fn persists_across_instances(first: &dyn TokenStore, second: &dyn TokenStore) {
+    let key = unique_key("persist");
+    let set = sample("persisted");
+    let lease = first.lease(&key, ttl()).await.expect("lease");
+    let version = first.save(&key, &set, None, &lease).await.expect("save");
+    lease.release().await.expect("release");
+    let loaded = second
+        .load(&key)
+        .await
+        .expect("load")
+        .expect("a saved set persists");
+    assert_eq!(loaded.value, set, "a new instance loads what was saved");
+    assert_eq!(loaded.version, version, "and at the same version");
+}
+
+/// A token set whose tokens are named after `tag`.
+pub fn sample(tag: &str) -> TokenSet {
+    let now = OffsetDateTime::from_unix_timestamp(OffsetDateTime::now_utc().unix_timestamp())
+        .expect("now is representable");
+    let mut set = TokenSet::new(AccessToken::new(format!("at-{tag}")), now);
+    set.refresh_token = Some(RefreshToken::new(format!("rt-{tag}")));
+    set.expires_at = Some(now + time::Duration::hours(1));
+    set.refresh_expires_at = Some(now + time::Duration::days(180));
+    set.scopes = vec!["read".into(), "write".into()];
+    set.token_type = Some("bearer".into());
+    set.extra.insert("user_id".into(), 42.into());
+    set
+}
+
+/// A key no earlier run used.
+pub fn unique_key(what: &str) -> String {
+    static SERIAL: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "conformance:{what}:{}:{}:{}",
+        std::process::id(),
+        OffsetDateTime::now_utc().unix_timestamp_nanos(),
+        SERIAL.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn ttl() -> Duration {
+    Duration::from_secs(10)
+}
+
+async fn load_of_a_missing_key_is_none(store: &dyn TokenStore) {
+    let got = store.load(&unique_key("missing")).await.expect("load");
+    assert!(got.is_none(), "a key never saved loads as None");
+}
+
+async fn save_then_load_round_trips(store: &dyn TokenStore) {
+    let key = unique_key("roundtrip");
+    let lease = store.lease(&key, ttl()).await.expect("lease");
+    let first = sample("one");
+    let v1 = store
+        .save(&key, &first, None, &lease)
+        .await
+        .expect("first save");
+    let loaded = store.load(&key).await.expect("load").expect("saved");
+    assert_eq!(loaded.value, first, "load returns exactly what was saved");
+    assert_eq!(loaded.version, v1, "with the version save returned");
+    let second = sample("two");
+    let v2 = store
+        .save(&key, &second, Some(v1), &lease)
+        .await
+        .expect("second save");
+    assert_ne!(v1, v2, "every save makes a new version");
+    let loaded = store.load(&key).await.expect("load").expect("saved");
+    assert_eq!((loaded.value, loaded.version), (second, v2));
+    lease.release().await.expect("release");
+}
+
+async fn compare_and_swap_rejects_a_stale_version(store: &dyn TokenStore) {
+    let key = unique_key("cas");
+    let lease = store.lease(&key, ttl()).await.expect("lease");
+    let two = sample("two");
+    let v1 = store
+        .save(&key, &sample("one"), None, &lease)
+        .await
+        .expect("save");
+    let v2 = store
+        .save(&key, &two, Some(v1), &lease)
+        .await
+        .expect("save");
+    let stale = store.save(&key, &sample("stale"), Some(v1), &lease).await;
+    assert!(
+        matches!(stale, Err(StoreError::Conflict)),
+        "a save at an old version is a Conflict, got {stale:?}"
+    );
+    let absent = store.save(&key, &sample("absent"), None, &lease).await;
+    assert!(
+        matches!(absent, Err(StoreError::Conflict)),
+        "expecting absence over a stored set is a Conflict, got {absent:?}"
+    );
+    let loaded = store.load(&key).await.expect("load").expect("saved");
+    assert_eq!(
+        (loaded.value, loaded.version),
+        (two, v2),
+        "a failed CAS writes nothing"
+    );
+    lease.release().await.expect("release");
+}
+
+async fn keys_are_independent(store: &dyn TokenStore) {
+    let base = unique_key("keys");
+    let (a, b) = (format!("{base}/a:1"), format!("{base}/a_1"));
+    let (set_a, set_b) = (sample("a"), sample("b"));
+    for (key, set) in [(&a, &set_a), (&b, &set_b)] {
+        let lease = store.lease(key, ttl()).await.expect("lease");
+        store.save(key, set, None, &lease).await.expect("save");
+        lease.release().await.expect("release");
+    }
+    assert_eq!(store.load(&a).await.expect("load").expect("a").value, set_a);
+    assert_eq!(store.load(&b).await.expect("load").expect("b").value, set_b);
+}
+
+async fn lease_excludes_a_second_holder(store: &dyn TokenStore) {
+    let key = unique_key("exclusion");
+    let held = store.lease(&key, ttl()).await.expect("lease");
+    let second = store.lease(&key, Duration::from_millis(300)).await;
+    assert!(
+        matches!(second, Err(StoreError::LeaseTimeout { .. })),
+        "a second holder must wait, then time out, got {second:?}"
+    );
+    held.release().await.expect("release");
+    let after = tokio::time::timeout(Duration::from_secs(5), store.lease(&key, ttl())).await;
+    assert!(
+        matches!(after, Ok(Ok(_))),
+        "a released lease can be taken again at once"
+    );
+}
+
+async fn concurrent_savers_of_one_version_exactly_one_wins(store: &dyn TokenStore) {
+    let key = unique_key("savers");
+    let lease = store.lease(&key, ttl()).await.expect("lease");
+    let v1 = store
+        .save(&key, &sample("base"), None, &lease)
+        .await
+        .expect("save");
+    lease.release().await.expect("release");
+    let wins = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let wins = Arc::clone(&wins);
+        let key = key.clone();
+        // Each saver read v1, then saves under its own lease.
+        let store: &dyn TokenStore = store;
+        tasks.push(async move {
+            let lease = store.lease(&key, ttl()).await.expect("lease");
+            match store
+                .save(&key, &sample(&format!("saver{i}")), Some(v1), &lease)
+                .await
+            {
+                Ok(_) => {
+                    wins.fetch_add(1, Ordering::SeqCst);
+                }
+                Err(StoreError::Conflict) => {}
+                Err(e) => panic!("a losing saver gets Conflict, got {e:?}"),
+            }
+            lease.release().await.expect("release");
+        });
+    }
+    futures_util::future::join_all(tasks).await;
+    assert_eq!(
+        wins.load(Ordering::SeqCst),
+        1,
+        "exactly one saver of a version wins"
+    );
+}
+
+async fn an_expired_lease_can_be_taken_over(store: &dyn TokenStore) {
+    let key = unique_key("takeover");
+    let first = store
+        .lease(&key, Duration::from_millis(200))
+        .await
+        .expect("lease");
+    let second = tokio::time::timeout(Duration::from_secs(5), store.lease(&key, ttl())).await;
+    let second = second
+        .expect("an expired lease is taken over in time")
+        .expect("lease");
+    assert!(
+        second.fencing() > first.fencing(),
+        "fencing numbers grow: {} then {}",
+        first.fencing(),
+        second.fencing()
+    );
+    drop(first);
+    second.release().await.expect("release");
+}
+
+async fn an_expired_holder_cannot_overwrite_a_newer_token(store: &dyn TokenStore) {
+    let key = unique_key("fencing");
+    let setup = store.lease(&key, ttl()).await.expect("lease");
+    let v1 = store
+        .save(&key, &sample("old"), None, &setup)
+        .await
+        .expect("save");
+    setup.release().await.expect("release");
+
+    let paused = store
+        .lease(&key, Duration::from_millis(200))
+        .await
+        .expect("lease");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let newer = store.lease(&key, ttl()).await.expect("takeover");
+    let new = sample("new");
+    let v2 = store
+        .save(&key, &new, Some(v1), &newer)
+        .await
+        .expect("save");
+    newer.release().await.expect("release");
+
+    let late = store.save(&key, &sample("late"), Some(v2), &paused).await;
+    assert!(
+        matches!(late, Err(StoreError::LeaseLost)),
+        "a holder whose lease expired is fenced off, got {late:?}"
+    );
+    let loaded = store.load(&key).await.expect("load").expect("saved");
+    assert_eq!(loaded.value, new, "the newer token stays");
+}

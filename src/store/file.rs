@@ -1,0 +1,227 @@
+//! [`FileStore`]: one JSON file per key in a directory, shared by the processes of a machine.
+
+use std::fs::{self, File, OpenOptions, TryLockError};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::time::Instant;
+
+use super::{Lease, LeaseRelease, StoreError, TokenStore, Versioned, decode, encode};
+use crate::token::TokenSet;
+
+/// How often a waiting process retries the lock file.
+const LOCK_POLL: Duration = Duration::from_millis(10);
+
+/// A directory of token files: `<key>.json`, each written atomically (temporary file,
+/// fsync, rename, fsync of the directory) and readable by its owner only (mode 0600 from
+/// the first byte; the directory is created 0700).
+///
+/// The lease is an OS lock (`File::lock`) on a sidecar `<key>.json.lock` file: it excludes
+/// other processes and other tasks alike, and the OS releases it if the holder dies, so
+/// it never expires while its holder lives.
+///
+/// A file that cannot be read as a token set is reported as [`StoreError::Corrupt`] and
+/// never overwritten: move it away to start over.
+#[derive(Clone, Debug)]
+pub struct FileStore {
+    dir: PathBuf,
+}
+
+impl FileStore {
+    /// A store in `dir`, created on first use.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The file that holds `key`'s token set.
+    pub fn path_for(&self, key: &str) -> Result<PathBuf, StoreError> {
+        Ok(self.dir.join(format!("{}.json", file_stem(key)?)))
+    }
+
+    fn lock_path(&self, key: &str) -> Result<PathBuf, StoreError> {
+        Ok(self.dir.join(format!("{}.json.lock", file_stem(key)?)))
+    }
+
+    fn create_dir(&self) -> io::Result<()> {
+        let mut builder = fs::DirBuilder::new();
+        builder.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        builder.create(&self.dir)
+    }
+
+    fn read(&self, key: &str) -> Result<Option<Versioned<TokenSet>>, StoreError> {
+        let path = self.path_for(key)?;
+        let mut bytes = Vec::new();
+        match File::open(&path) {
+            Ok(mut file) => file
+                .read_to_end(&mut bytes)
+                .map_err(StoreError::unavailable)?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(StoreError::unavailable(e)),
+        };
+        decode(key, &bytes).map(Some)
+    }
+
+    fn write_atomically(&self, key: &str, bytes: &[u8]) -> io::Result<()> {
+        // tempfile creates the file with mode 0600 (O_EXCL), in the same directory so that
+        // the rename is atomic.
+        let mut temp = tempfile::Builder::new()
+            .prefix(".tokenkeeper-")
+            .suffix(".tmp")
+            .tempfile_in(&self.dir)?;
+        temp.write_all(bytes)?;
+        temp.as_file().sync_all()?;
+        temp.persist(self.path_for(key).map_err(io::Error::other)?)
+            .map_err(|e| e.error)?;
+        sync_dir(&self.dir)
+    }
+}
+
+#[cfg(unix)]
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(not(unix))]
+fn sync_dir(_dir: &Path) -> io::Result<()> {
+    Ok(())
+}
+
+/// Keys become file names: `[A-Za-z0-9_-]` and `.` (not leading) stay, every other byte is
+/// written `%XX`, so distinct keys never share a file.
+fn file_stem(key: &str) -> Result<String, StoreError> {
+    if key.is_empty() {
+        return Err(StoreError::InvalidKey {
+            key: key.to_owned(),
+            reason: "empty",
+        });
+    }
+    let mut stem = String::with_capacity(key.len());
+    for (i, b) in key.bytes().enumerate() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-' => stem.push(char::from(b)),
+            b'.' if i > 0 => stem.push('.'),
+            _ => stem.push_str(&format!("%{b:02X}")),
+        }
+    }
+    Ok(stem)
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(StoreError::unavailable)?
+}
+
+#[async_trait]
+impl TokenStore for FileStore {
+    async fn load(&self, key: &str) -> Result<Option<Versioned<TokenSet>>, StoreError> {
+        let (store, key) = (self.clone(), key.to_owned());
+        blocking(move || store.read(&key)).await
+    }
+
+    async fn save(
+        &self,
+        key: &str,
+        token: &TokenSet,
+        expected: Option<u64>,
+        lease: &Lease,
+    ) -> Result<u64, StoreError> {
+        let lock_path = self.lock_path(key)?;
+        let ours = lease
+            .guard()
+            .and_then(|g| (g as &dyn std::any::Any).downcast_ref::<FileLock>())
+            .is_some_and(|lock| lock.path == lock_path);
+        if !ours {
+            return Err(StoreError::LeaseLost);
+        }
+        let (store, key, token) = (self.clone(), key.to_owned(), token.clone());
+        blocking(move || {
+            let current = store.read(&key)?.map(|v| v.version);
+            if current != expected {
+                return Err(StoreError::Conflict);
+            }
+            let version = current.map_or(1, |v| v + 1);
+            store
+                .write_atomically(&key, &encode(&token, version))
+                .map_err(StoreError::unavailable)?;
+            Ok(version)
+        })
+        .await
+    }
+
+    async fn lease(&self, key: &str, ttl: Duration) -> Result<Lease, StoreError> {
+        let path = self.lock_path(key)?;
+        let give_up = Instant::now() + ttl;
+        let store = self.clone();
+        let file = blocking(move || {
+            store.create_dir().map_err(StoreError::unavailable)?;
+            let mut options = OpenOptions::new();
+            options.create(true).truncate(false).write(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            options.open(&path).map_err(StoreError::unavailable)
+        })
+        .await?;
+        loop {
+            match file.try_lock() {
+                Ok(()) => {
+                    return Ok(Lease::new(
+                        0,
+                        None,
+                        FileLock {
+                            path: self.lock_path(key)?,
+                            _file: file,
+                        },
+                    ));
+                }
+                Err(TryLockError::WouldBlock) if Instant::now() < give_up => {
+                    tokio::time::sleep(LOCK_POLL).await;
+                }
+                Err(TryLockError::WouldBlock) => {
+                    return Err(StoreError::LeaseTimeout {
+                        key: key.to_owned(),
+                    });
+                }
+                Err(TryLockError::Error(e)) => return Err(StoreError::unavailable(e)),
+            }
+        }
+    }
+}
+
+/// The held lock file; dropping it closes the file, which releases the lock.
+#[derive(Debug)]
+struct FileLock {
+    path: PathBuf,
+    _file: File,
+}
+
+#[async_trait]
+impl LeaseRelease for FileLock {
+    async fn release(self: Box<Self>) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::file_stem;
+
+    #[test]
+    fn distinct_keys_get_distinct_safe_file_names() {
+        assert_eq!(file_stem("lucid:user-42").unwrap(), "lucid%3Auser-42");
+        assert_eq!(file_stem("../etc").unwrap(), "%2E.%2Fetc");
+        assert_ne!(file_stem("a%3Ab").unwrap(), file_stem("a:b").unwrap());
+        assert!(file_stem("").is_err());
+    }
+}

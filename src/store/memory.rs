@@ -1,0 +1,179 @@
+//! [`MemoryStore`]: token sets in this process's memory.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::{Lease, LeaseRelease, StoreError, TokenStore, Versioned};
+use crate::token::TokenSet;
+
+/// An in-process store: the default of
+/// [`RefreshingTokenSource::builder`](crate::RefreshingTokenSource::builder).
+///
+/// Clones share the same contents. Leases expire after their `ttl` and carry fencing
+/// numbers, like the networked stores', so the refresh protocol behaves the same here.
+#[derive(Clone, Debug, Default)]
+pub struct MemoryStore {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    state: Mutex<State>,
+    released: Notify,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    entries: HashMap<String, Versioned<TokenSet>>,
+    leases: HashMap<String, Held>,
+    fencing: u64,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Held {
+    fencing: u64,
+    expires_at: Instant,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// What is stored under `key`, read synchronously (for tests and inspection).
+    pub fn get(&self, key: &str) -> Option<Versioned<TokenSet>> {
+        self.shared.lock().entries.get(key).cloned()
+    }
+
+    /// Writes `token` under `key` without a lease or version check, as an administrator
+    /// importing a token from elsewhere would. Returns the new version.
+    pub fn put(&self, key: &str, token: TokenSet) -> u64 {
+        let mut state = self.shared.lock();
+        let version = state.entries.get(key).map_or(1, |v| v.version + 1);
+        state.entries.insert(
+            key.to_owned(),
+            Versioned {
+                value: token,
+                version,
+            },
+        );
+        version
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The state stays consistent at every unlock: a panic elsewhere cannot tear it.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[async_trait]
+impl TokenStore for MemoryStore {
+    async fn load(&self, key: &str) -> Result<Option<Versioned<TokenSet>>, StoreError> {
+        Ok(self.get(key))
+    }
+
+    async fn save(
+        &self,
+        key: &str,
+        token: &TokenSet,
+        expected: Option<u64>,
+        lease: &Lease,
+    ) -> Result<u64, StoreError> {
+        let mut state = self.shared.lock();
+        match state.leases.get(key) {
+            Some(held) if held.fencing == lease.fencing() && held.expires_at > Instant::now() => {}
+            _ => return Err(StoreError::LeaseLost),
+        }
+        let current = state.entries.get(key).map(|v| v.version);
+        if current != expected {
+            return Err(StoreError::Conflict);
+        }
+        let version = current.map_or(1, |v| v + 1);
+        state.entries.insert(
+            key.to_owned(),
+            Versioned {
+                value: token.clone(),
+                version,
+            },
+        );
+        Ok(version)
+    }
+
+    async fn lease(&self, key: &str, ttl: Duration) -> Result<Lease, StoreError> {
+        let give_up = Instant::now() + ttl;
+        loop {
+            let released = self.shared.released.notified();
+            let wait_until = {
+                let mut state = self.shared.lock();
+                let now = Instant::now();
+                match state.leases.get(key) {
+                    Some(held) if held.expires_at > now => held.expires_at.min(give_up),
+                    _ => {
+                        state.fencing += 1;
+                        let held = Held {
+                            fencing: state.fencing,
+                            expires_at: now + ttl,
+                        };
+                        state.leases.insert(key.to_owned(), held);
+                        return Ok(Lease::new(
+                            held.fencing,
+                            Some(held.expires_at),
+                            MemoryRelease {
+                                shared: Arc::clone(&self.shared),
+                                key: key.to_owned(),
+                                fencing: held.fencing,
+                            },
+                        ));
+                    }
+                }
+            };
+            if Instant::now() >= give_up {
+                return Err(StoreError::LeaseTimeout {
+                    key: key.to_owned(),
+                });
+            }
+            tokio::select! {
+                () = released => {}
+                () = tokio::time::sleep_until(wait_until) => {}
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct MemoryRelease {
+    shared: Arc<Shared>,
+    key: String,
+    fencing: u64,
+}
+
+impl Drop for MemoryRelease {
+    fn drop(&mut self) {
+        let mut state = self.shared.lock();
+        if state
+            .leases
+            .get(&self.key)
+            .is_some_and(|held| held.fencing == self.fencing)
+        {
+            state.leases.remove(&self.key);
+        }
+        drop(state);
+        self.shared.released.notify_waiters();
+    }
+}
+
+#[async_trait]
+impl LeaseRelease for MemoryRelease {
+    async fn release(self: Box<Self>) -> Result<(), StoreError> {
+        // Dropping releases.
+        Ok(())
+    }
+}

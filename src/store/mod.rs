@@ -1,0 +1,259 @@
+//! Where token sets live: the [`TokenStore`] trait and its backends.
+//!
+//! | backend | feature | shared by | lease |
+//! |---|---|---|---|
+//! | [`MemoryStore`] | (always) | tasks of one process | in-process, with expiry and fencing |
+//! | [`FileStore`] | (always) | processes of one machine | OS file lock, released when the holder dies |
+#![cfg_attr(
+    feature = "redis",
+    doc = "| [`RedisStore`](redis::RedisStore) | `redis` | machines | `SET NX PX` + fencing number |"
+)]
+#![cfg_attr(
+    feature = "postgres",
+    doc = "| [`PostgresStore`](postgres::PostgresStore) | `postgres` | machines | lease row with expiry + fencing number |"
+)]
+//!
+//! # Contract
+//!
+//! Every implementation, including your own, must guarantee:
+//!
+//! - `load` returns what the last successful `save` wrote, with the version `save` returned.
+//! - `save` is a compare-and-swap: it writes only if the stored version equals `expected`
+//!   (`None`: nothing stored), and only while `lease` is still held; otherwise it returns
+//!   [`StoreError::Conflict`] or [`StoreError::LeaseLost`] and writes nothing. A save is
+//!   all or nothing: a reader never sees a torn token set.
+//! - `lease` gives mutual exclusion for one key across every process that shares the
+//!   store. It waits for a holder to release, and returns [`StoreError::LeaseTimeout`]
+//!   after about `ttl`. A lease with an expiry carries a fencing number that grows with
+//!   every grant, so that a holder whose lease expired can never overwrite a newer token.
+//!
+//! The [`conformance`] suite (feature `conformance`) checks these properties.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::token::TokenSet;
+
+#[cfg(feature = "conformance")]
+pub mod conformance;
+mod file;
+mod memory;
+
+pub use file::FileStore;
+pub use memory::MemoryStore;
+
+/// A value and the store version it was read at.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Versioned<T> {
+    /// The value.
+    pub value: T,
+    /// Its version: pass it as `expected` to the next [`TokenStore::save`].
+    pub version: u64,
+}
+
+/// Durable, shared storage for token sets, one per key.
+///
+/// See the [module documentation](self) for the contract every implementation keeps.
+#[async_trait]
+pub trait TokenStore: fmt::Debug + Send + Sync + 'static {
+    /// The token set stored under `key`, if any.
+    async fn load(&self, key: &str) -> Result<Option<Versioned<TokenSet>>, StoreError>;
+
+    /// Compare-and-swap: writes `token` only if the stored version is `expected` (`None`:
+    /// absent) and `lease` is still held. Returns the new version.
+    async fn save(
+        &self,
+        key: &str,
+        token: &TokenSet,
+        expected: Option<u64>,
+        lease: &Lease,
+    ) -> Result<u64, StoreError>;
+
+    /// Takes the lease for `key`: mutual exclusion across every process sharing the store.
+    /// Waits for the current holder, up to about `ttl`; a lease that expires does so
+    /// `ttl` after it was granted.
+    async fn lease(&self, key: &str, ttl: Duration) -> Result<Lease, StoreError>;
+}
+
+#[async_trait]
+impl<S: TokenStore + ?Sized> TokenStore for Arc<S> {
+    async fn load(&self, key: &str) -> Result<Option<Versioned<TokenSet>>, StoreError> {
+        (**self).load(key).await
+    }
+    async fn save(
+        &self,
+        key: &str,
+        token: &TokenSet,
+        expected: Option<u64>,
+        lease: &Lease,
+    ) -> Result<u64, StoreError> {
+        (**self).save(key, token, expected, lease).await
+    }
+    async fn lease(&self, key: &str, ttl: Duration) -> Result<Lease, StoreError> {
+        (**self).lease(key, ttl).await
+    }
+}
+
+/// Releases a lease when asked; store implementations provide one per lease.
+#[async_trait]
+pub trait LeaseRelease: std::any::Any + fmt::Debug + Send + Sync + 'static {
+    /// Gives the lease back. Dropping a lease without releasing it leaves it to expire
+    /// (or, for process-bound leases, to be released by dropping the guard).
+    async fn release(self: Box<Self>) -> Result<(), StoreError>;
+}
+
+/// A held lease on one key. Release it with [`Lease::release`]; dropping it releases what
+/// can be released synchronously and leaves the rest to expire.
+#[derive(Debug)]
+pub struct Lease {
+    fencing: u64,
+    expires_at: Option<tokio::time::Instant>,
+    guard: Option<Box<dyn LeaseRelease>>,
+}
+
+impl Lease {
+    /// A lease with fencing number `fencing` that expires at `expires_at` (`None`: held
+    /// until released or until the holder dies), released through `guard`.
+    pub fn new(
+        fencing: u64,
+        expires_at: Option<tokio::time::Instant>,
+        guard: impl LeaseRelease,
+    ) -> Self {
+        Self {
+            fencing,
+            expires_at,
+            guard: Some(Box::new(guard)),
+        }
+    }
+
+    /// The fencing number: grows with every lease granted on the key.
+    pub fn fencing(&self) -> u64 {
+        self.fencing
+    }
+
+    /// When the lease expires, if it does.
+    pub fn expires_at(&self) -> Option<tokio::time::Instant> {
+        self.expires_at
+    }
+
+    /// How long the lease is still held for; `None` when it does not expire.
+    pub fn remaining(&self) -> Option<Duration> {
+        self.expires_at
+            .map(|at| at.saturating_duration_since(tokio::time::Instant::now()))
+    }
+
+    /// The store-specific guard, for store implementations.
+    pub fn guard(&self) -> Option<&dyn LeaseRelease> {
+        self.guard.as_deref()
+    }
+
+    /// Gives the lease back.
+    pub async fn release(mut self) -> Result<(), StoreError> {
+        match self.guard.take() {
+            Some(guard) => guard.release().await,
+            None => Ok(()),
+        }
+    }
+}
+
+/// A store failure. Implementations of [`TokenStore`] map their own errors onto these.
+#[derive(Clone, Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The compare-and-swap failed: the stored version is not the expected one.
+    #[error("the stored token set changed since it was read")]
+    Conflict,
+    /// The lease expired or was taken over; the write was refused (fencing).
+    #[error("the lease was lost; the write was refused")]
+    LeaseLost,
+    /// The lease could not be taken in time.
+    #[error("timed out waiting for the lease on key {key:?}")]
+    LeaseTimeout {
+        /// The key.
+        key: String,
+    },
+    /// What is stored under the key cannot be read. It is left untouched.
+    #[error("the token set stored under key {key:?} is unreadable: {reason}")]
+    Corrupt {
+        /// The key.
+        key: String,
+        /// What is wrong (never the content).
+        reason: String,
+    },
+    /// The key cannot be used by this store (empty, or characters it cannot hold).
+    #[error("invalid store key {key:?}: {reason}")]
+    InvalidKey {
+        /// The key.
+        key: String,
+        /// Why.
+        reason: &'static str,
+    },
+    /// The store could not be reached or failed.
+    #[error("the store is unavailable")]
+    Unavailable(#[source] Arc<dyn StdError + Send + Sync + 'static>),
+}
+
+impl StoreError {
+    /// Wraps a backend's own error as [`StoreError::Unavailable`].
+    pub fn unavailable(e: impl StdError + Send + Sync + 'static) -> Self {
+        Self::Unavailable(Arc::new(e))
+    }
+}
+
+/// The schema version written by [`encode`].
+pub const SCHEMA_VERSION: u32 = 1;
+
+#[derive(serde::Serialize)]
+struct RecordOut<'a> {
+    schema: u32,
+    version: u64,
+    token_set: &'a TokenSet,
+}
+
+#[derive(serde::Deserialize)]
+struct RecordIn {
+    schema: u32,
+    version: u64,
+    token_set: serde_json::Value,
+}
+
+/// Serializes a token set and its version in the schema stores persist (JSON, secrets in
+/// plain text: protect what holds it).
+pub fn encode(token: &TokenSet, version: u64) -> Vec<u8> {
+    serde_json::to_vec_pretty(&RecordOut {
+        schema: SCHEMA_VERSION,
+        version,
+        token_set: token,
+    })
+    .expect("a TokenSet always serializes")
+}
+
+/// Reads what [`encode`] wrote. Anything else is [`StoreError::Corrupt`], whose message
+/// never quotes the content.
+pub fn decode(key: &str, bytes: &[u8]) -> Result<Versioned<TokenSet>, StoreError> {
+    let corrupt = |what: &str, e: serde_json::Error| StoreError::Corrupt {
+        key: key.to_owned(),
+        reason: format!("{what} ({})", crate::json_error_summary(&e)),
+    };
+    let record: RecordIn =
+        serde_json::from_slice(bytes).map_err(|e| corrupt("not a token record", e))?;
+    if record.schema != SCHEMA_VERSION {
+        return Err(StoreError::Corrupt {
+            key: key.to_owned(),
+            reason: format!(
+                "schema version {} is not supported (this build reads {SCHEMA_VERSION})",
+                record.schema
+            ),
+        });
+    }
+    let value =
+        serde_json::from_value(record.token_set).map_err(|e| corrupt("invalid token set", e))?;
+    Ok(Versioned {
+        value,
+        version: record.version,
+    })
+}

@@ -1,0 +1,6 @@
+//! Test support (feature `testing`): a provider simulator for examples, this crate's tests
+//! and your own integration tests. No credentials, no network beyond loopback.
+
+mod simulator;
+
+pub use simulator::{Counters, Fault, Mode, Simulator, SimulatorBuilder};
