@@ -310,6 +310,12 @@ impl Retry {
         });
     }
 
+    /// How long until the next attempt is allowed.
+    fn wait(&self, now: OffsetDateTime) -> Option<StdDuration> {
+        self.not_before
+            .map(|at| (at - now).try_into().unwrap_or_default())
+    }
+
     fn succeeded(&mut self) {
         *self = Retry::default();
     }
@@ -381,21 +387,36 @@ impl Inner {
                 }
             }
         };
-        flight.await
+        match flight.await {
+            // A token that is still valid serves callers while a refresh fails transiently.
+            Err(e) if e.is_transient() => match &*self.cache.load() {
+                Some(cached) if cached.freshness(self.clock.now()) != Freshness::Expired => {
+                    Ok(cached.token.clone())
+                }
+                _ => Err(e),
+            },
+            outcome => outcome,
+        }
     }
 
     /// Spawns the refresh task. The caller holds the flight gate.
     fn spawn_refresh(self: &Arc<Self>) -> Flight {
         let inner = Arc::clone(self);
         let task = tokio::spawn(async move {
-            let outcome = inner.refresh().await;
+            let mut outcome = inner.refresh().await;
             let now = inner.clock.now();
             {
                 let mut state = inner.state();
-                match &outcome {
+                match &mut outcome {
                     Ok(_) => state.retry.succeeded(),
                     Err(e) if e.needs_reauthorization() => {}
-                    Err(e) => state.retry.failed(now, e),
+                    Err(e) => {
+                        state.retry.failed(now, e);
+                        // Tell waiters when the next attempt will be allowed.
+                        if let Error::Transient { retry_after, .. } = e {
+                            *retry_after = state.retry.wait(now);
+                        }
+                    }
                 }
             }
             // Cleared before waiters see the outcome: a caller that finds no flight also
@@ -515,21 +536,9 @@ impl Inner {
                 // Step 7: nothing is discarded; the caller decides from the error.
                 Err(RefreshFailure::Other(e)) => {
                     tracing::warn!(key = %self.key, error = %e, "refresh failed; tokens kept");
-                    return self.serve_stale_or(e);
+                    return Err(e);
                 }
             }
-        }
-    }
-
-    /// A stale token still serves callers while a refresh fails transiently.
-    fn serve_stale_or(&self, e: Error) -> Outcome {
-        match &*self.cache.load() {
-            Some(cached)
-                if cached.freshness(self.clock.now()) != Freshness::Expired && e.is_transient() =>
-            {
-                Ok(cached.token.clone())
-            }
-            _ => Err(e),
         }
     }
 
