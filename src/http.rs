@@ -126,7 +126,7 @@ impl TokenEndpoint {
                     .map(|(k, v)| (k.to_owned(), v.into()))
                     .collect();
                 if let Some(scope) = scope {
-                    body.insert("scope".into(), scope.join(" ").into());
+                    body.insert("scope".into(), scope.clone().into());
                 }
                 request.json(&body)
             }
@@ -144,11 +144,18 @@ impl TokenEndpoint {
     ) -> Result<TokenResponse, RefreshFailure> {
         let profile = &self.profile;
         if status.is_success() {
-            return parse_token_response(profile, content_type, body).map_err(|e| {
-                RefreshFailure::Other(Error::InvalidResponse {
-                    reason: format!("HTTP {}: {}", status.as_u16(), e.0),
-                })
-            });
+            return match parse_token_response(profile, content_type, body) {
+                Ok(response) => Ok(response),
+                // Some servers answer 200 with an OAuth error body: classify it as one.
+                Err(e) => match parse_error_response(content_type, body) {
+                    Some(provider) => {
+                        Err(self.classify_error(status, Some(provider), refresh_token, None))
+                    }
+                    None => Err(RefreshFailure::Other(Error::InvalidResponse {
+                        reason: format!("HTTP {}: {}", status.as_u16(), e.0),
+                    })),
+                },
+            };
         }
         let retry_after = retry_after(headers, profile.rate_limit_reset_header.as_deref(), now);
         if status == StatusCode::TOO_MANY_REQUESTS {
@@ -171,23 +178,50 @@ impl TokenEndpoint {
                 ),
             }));
         }
-        let provider =
-            parse_error_response(content_type, body).map(|e| self.scrub(e, refresh_token));
+        let provider = parse_error_response(content_type, body);
+        Err(self.classify_error(status, provider, refresh_token, retry_after))
+    }
+
+    /// Classifies an error answer by its OAuth error code first, then by its status.
+    fn classify_error(
+        &self,
+        status: StatusCode,
+        provider: Option<ProviderError>,
+        refresh_token: &RefreshToken,
+        retry_after: Option<Duration>,
+    ) -> RefreshFailure {
+        let profile = &self.profile;
+        let provider = provider.map(|e| self.scrub(e, refresh_token));
         let code = provider.as_ref().map(|p| p.code.as_str());
         let matches = |codes: &[String]| code.is_some_and(|c| codes.iter().any(|k| k == c));
+        // RFC 6749's "try again later" codes, whatever the status they came with.
+        match code {
+            Some("temporarily_unavailable" | "server_error") => {
+                return RefreshFailure::Other(Error::transient(
+                    TransientKind::ServerError(status.as_u16()),
+                    retry_after,
+                ));
+            }
+            Some("slow_down") => {
+                return RefreshFailure::Other(Error::transient(
+                    TransientKind::RateLimited,
+                    retry_after,
+                ));
+            }
+            _ => {}
+        }
         if matches(&profile.reauthorization_codes) {
-            return Err(RefreshFailure::InvalidGrant(provider));
+            return RefreshFailure::InvalidGrant(provider);
         }
         if matches(&profile.client_rejected_codes)
-            || (profile.client_rejected_statuses.contains(&status.as_u16())
-                && !matches(&profile.reauthorization_codes))
+            || profile.client_rejected_statuses.contains(&status.as_u16())
         {
-            return Err(RefreshFailure::Other(Error::ClientRejected {
+            return RefreshFailure::Other(Error::ClientRejected {
                 status: status.as_u16(),
                 provider,
-            }));
+            });
         }
-        Err(RefreshFailure::Other(match provider {
+        RefreshFailure::Other(match provider {
             Some(provider) => Error::RequestRejected {
                 status: status.as_u16(),
                 provider,
@@ -195,7 +229,7 @@ impl TokenEndpoint {
             None => Error::InvalidResponse {
                 reason: format!("HTTP {} without an OAuth error body", status.as_u16()),
             },
-        }))
+        })
     }
 
     /// Removes any token or secret a provider echoed into its error description.
@@ -282,7 +316,16 @@ fn retry_after(
         }
     }
     let reset = header(reset_header?)?.parse::<i64>().ok()?;
-    let at = OffsetDateTime::from_unix_timestamp(reset).ok()?;
+    // Documented as epoch seconds (HighQ); a small number can only be a delay in
+    // seconds, and a huge one only epoch milliseconds.
+    if (0..1_000_000_000).contains(&reset) {
+        return Some(Duration::from_secs(reset.unsigned_abs()));
+    }
+    let at = if reset > 100_000_000_000 {
+        OffsetDateTime::from_unix_timestamp_nanos(i128::from(reset) * 1_000_000).ok()?
+    } else {
+        OffsetDateTime::from_unix_timestamp(reset).ok()?
+    };
     Some((at - now).try_into().unwrap_or(Duration::ZERO))
 }
 
@@ -307,5 +350,26 @@ mod tests {
         let got = retry_after(&headers, Some("X-Ratelimit-Reset"), now).unwrap();
         assert!(got > Duration::from_secs(299) && got <= Duration::from_secs(300));
         assert_eq!(retry_after(&headers, None, now), None);
+
+        let mut headers = HeaderMap::new();
+        headers.insert("x-ratelimit-reset", HeaderValue::from(30));
+        assert_eq!(
+            retry_after(&headers, Some("X-Ratelimit-Reset"), now),
+            Some(Duration::from_secs(30))
+        );
+    }
+
+    #[test]
+    fn retry_after_reads_an_http_date() {
+        let now = time::macros::datetime!(2015-10-21 07:27:00 UTC);
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            RETRY_AFTER,
+            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
+        assert_eq!(
+            retry_after(&headers, None, now),
+            Some(Duration::from_secs(60))
+        );
     }
 }

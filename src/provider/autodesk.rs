@@ -13,13 +13,24 @@ impl ProviderProfile {
     /// optional `scope` on refresh (set [`refresh_scope`](Self::refresh_scope)); 15-day
     /// single-use refresh tokens; the old access token stays valid; RFC or Autodesk-shaped
     /// error bodies; 429 with `Retry-After`.
+    ///
+    /// Autodesk's own error codes for a rejected client (`AUTH-001` client not authorized
+    /// for the API, `AUTH-002` nor for the endpoint, `AUTH-003` wrong secret, `AUTH-012`
+    /// missing or invalid `Authorization` header) mean
+    /// [`Error::ClientRejected`](crate::Error::ClientRejected), whatever their status
+    /// (`AUTH-001` comes with 403).
     pub fn autodesk() -> Self {
+        let base = Self::rfc6749("autodesk", static_url(AUTODESK_TOKEN_URL));
+        let mut client_rejected_codes = base.client_rejected_codes.clone();
+        client_rejected_codes
+            .extend(["AUTH-001", "AUTH-002", "AUTH-003", "AUTH-012"].map(String::from));
         Self {
+            client_rejected_codes,
             client_auth: ClientAuth::BasicAuth,
             expires_at_field: Some(("expires_at".into(), EpochUnit::Auto)),
             refresh_token_lifetime: Some(Duration::from_secs(15 * 24 * 3600)),
             rotation: Rotation::SingleUse,
-            ..Self::rfc6749("autodesk", static_url(AUTODESK_TOKEN_URL))
+            ..base
         }
     }
 

@@ -32,6 +32,14 @@ pub struct TokenResponse {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ParseError(pub String);
 
+impl std::fmt::Display for ParseError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ParseError {}
+
 /// Fields never copied into [`TokenResponse::extra`]: they are credentials.
 const SECRET_FIELDS: &[&str] = &["id_token", "client_secret", "password"];
 
@@ -51,22 +59,27 @@ pub fn parse_token_response(
         Some(Value::String(s)) if !s.is_empty() => Some(RefreshToken::new(s)),
         None | Some(Value::Null) => None,
         Some(Value::String(_)) => None,
+        // A number is still a token: never drop a rotated refresh token over its type.
+        Some(Value::Number(n)) => Some(RefreshToken::new(n.to_string())),
         Some(_) => return Err(ParseError("refresh_token is not a string".into())),
     };
     let token_type = match fields.remove("token_type") {
         Some(Value::String(s)) => Some(s),
         _ => None,
     };
-    let expires_in = take_integer(&mut fields, &profile.expires_in_field)?;
+    // The tokens are what matters: the provider has already rotated the grant, so a
+    // malformed expiry or scope field is logged and read as absent, never a reason to
+    // throw the new refresh token away.
+    let expires_in = lenient(take_integer(&mut fields, &profile.expires_in_field));
     let expires_at_ms = match &profile.expires_at_field {
-        Some((name, unit)) => take_integer(&mut fields, name)?.map(|v| to_millis(v, *unit)),
+        Some((name, unit)) => lenient(take_integer(&mut fields, name)).map(|v| to_millis(v, *unit)),
         None => None,
     };
     let refresh_expires_in = match &profile.refresh_expires_in_field {
-        Some(name) => take_integer(&mut fields, name)?,
+        Some(name) => lenient(take_integer(&mut fields, name)),
         None => None,
     };
-    let scopes = take_scopes(&mut fields)?;
+    let scopes = lenient(take_scopes(&mut fields));
     for secret in SECRET_FIELDS {
         fields.remove(*secret);
     }
@@ -105,6 +118,14 @@ pub fn parse_error_response(content_type: Option<&str>, body: &[u8]) -> Option<P
     })
 }
 
+/// A malformed optional field reads as absent, with a warning naming the field only.
+fn lenient<T>(result: Result<Option<T>, ParseError>) -> Option<T> {
+    result.unwrap_or_else(|e| {
+        tracing::warn!(problem = %e.0, "ignoring a malformed field of the token response");
+        None
+    })
+}
+
 fn truncate(mut s: String, max_chars: usize) -> String {
     if let Some((at, _)) = s.char_indices().nth(max_chars) {
         s.truncate(at);
@@ -118,6 +139,8 @@ fn parse_fields(
     content_type: Option<&str>,
     body: &[u8],
 ) -> Result<Map<String, Value>, ParseError> {
+    // A UTF-8 byte order mark is not part of the document.
+    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
     let first = body.iter().copied().find(|b| !b.is_ascii_whitespace());
     let declared = content_type.map(|c| c.to_ascii_lowercase());
     let as_xml = match format {
@@ -145,11 +168,16 @@ fn parse_fields(
 }
 
 /// A flat XML document: the root's child elements become string fields.
+///
+/// quick-xml 0.38 reports entity and character references (`&amp;`, `&#38;`) as separate
+/// [`Event::GeneralRef`](quick_xml::events::Event::GeneralRef) events between text events:
+/// they are resolved here, and the text is trimmed only once the element is complete, so
+/// that `a &amp; b` reads `a & b`.
 fn parse_xml(body: &[u8]) -> Result<Map<String, Value>, ParseError> {
     use quick_xml::events::Event;
 
     let mut reader = quick_xml::Reader::from_reader(body);
-    reader.config_mut().trim_text(true);
+    reader.config_mut().trim_text(false);
     let mut fields = Map::new();
     let mut depth = 0usize;
     let mut current: Option<(String, String)> = None;
@@ -175,9 +203,21 @@ fn parse_xml(body: &[u8]) -> Result<Map<String, Value>, ParseError> {
                     let text = text
                         .decode()
                         .map_err(|_| ParseError("the XML text is not UTF-8".into()))?;
-                    let text = quick_xml::escape::unescape(&text)
-                        .map_err(|_| ParseError("the XML text has a bad escape".into()))?;
                     value.push_str(&text);
+                }
+            }
+            Event::GeneralRef(reference) if depth == 2 => {
+                if let Some((_, value)) = current.as_mut() {
+                    let bad = || ParseError("the XML text has a bad entity reference".into());
+                    match reference.resolve_char_ref().map_err(|_| bad())? {
+                        Some(c) => value.push(c),
+                        None => {
+                            let name = reference.decode().map_err(|_| bad())?;
+                            let resolved = quick_xml::escape::resolve_predefined_entity(&name)
+                                .ok_or_else(bad)?;
+                            value.push_str(resolved);
+                        }
+                    }
                 }
             }
             Event::CData(data) if depth == 2 => {
@@ -189,7 +229,7 @@ fn parse_xml(body: &[u8]) -> Result<Map<String, Value>, ParseError> {
                 if depth == 2
                     && let Some((name, value)) = current.take()
                 {
-                    fields.insert(name, Value::String(value));
+                    fields.insert(name, Value::String(value.trim().to_owned()));
                 }
                 depth = depth.saturating_sub(1);
             }

@@ -120,10 +120,17 @@ impl SimulatorBuilder {
         self
     }
 
-    /// The lifetime of issued refresh tokens (expired ones are `invalid_grant`).
-    /// Default: none.
+    /// The lifetime of issued refresh tokens (expired ones are `invalid_grant`); every
+    /// rotation issues a token with a fresh lifetime. Default: the mode's provider's
+    /// (Lucid 180 days, HighQ 1 year, Autodesk 15 days), none in generic mode.
     pub fn refresh_lifetime(mut self, lifetime: Duration) -> Self {
         self.refresh_lifetime = Some(lifetime);
+        self
+    }
+
+    /// Issued refresh tokens never expire.
+    pub fn no_refresh_expiry(mut self) -> Self {
+        self.refresh_lifetime = None;
         self
     }
 
@@ -175,7 +182,7 @@ impl SimulatorBuilder {
             }),
         });
         let app = Router::new()
-            .route(TOKEN_PATH, post(token_endpoint))
+            .route(token_path(self.mode), post(token_endpoint))
             .route(API_PATH, get(api_endpoint))
             .with_state(Arc::clone(&shared));
         let server = tokio::spawn(async move {
@@ -189,8 +196,18 @@ impl SimulatorBuilder {
     }
 }
 
-const TOKEN_PATH: &str = "/oauth2/token";
 const API_PATH: &str = "/api/me";
+/// HighQ mode's instance: the base URL is `http://127.0.0.1:{port}/collaborate/`.
+const HIGHQ_INSTANCE_PATH: &str = "/collaborate/";
+
+/// The token endpoint's path, as the mode's provider spells it.
+fn token_path(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Generic | Mode::Lucid => "/oauth2/token",
+        Mode::HighQ => "/collaborate/api/oauth2/token",
+        Mode::Autodesk => "/authentication/v2/token",
+    }
+}
 
 /// A token endpoint on loopback that issues rotating, single-use refresh tokens and, like
 /// real servers with reuse detection, revokes the whole grant when a used refresh token
@@ -232,6 +249,17 @@ impl Drop for Simulator {
     }
 }
 
+const DAY: u64 = 24 * 3600;
+
+fn default_refresh_lifetime(mode: Mode) -> Option<Duration> {
+    match mode {
+        Mode::Generic => None,
+        Mode::Lucid => Some(Duration::from_secs(180 * DAY)),
+        Mode::HighQ => Some(Duration::from_secs(365 * DAY)),
+        Mode::Autodesk => Some(Duration::from_secs(15 * DAY)),
+    }
+}
+
 impl Simulator {
     /// Starts configuring a simulator speaking `mode`.
     pub fn builder(mode: Mode) -> SimulatorBuilder {
@@ -240,7 +268,7 @@ impl Simulator {
             client_id: "sim-client".into(),
             client_secret: Some("sim-secret".into()),
             access_lifetime: Duration::from_secs(3600),
-            refresh_lifetime: None,
+            refresh_lifetime: default_refresh_lifetime(mode),
             response_delay: Duration::ZERO,
             fault_rate: 0.0,
             fault_mix: Vec::new(),
@@ -250,9 +278,10 @@ impl Simulator {
         }
     }
 
-    /// The token endpoint's URL.
+    /// The token endpoint's URL, at the mode's provider's path (`/oauth2/token`,
+    /// HighQ `/collaborate/api/oauth2/token`, Autodesk `/authentication/v2/token`).
     pub fn token_url(&self) -> Url {
-        self.url(TOKEN_PATH)
+        self.url(token_path(self.shared.mode))
     }
 
     /// A protected API endpoint: 200 with the caller's grant for a valid bearer token,
@@ -261,9 +290,14 @@ impl Simulator {
         self.url(API_PATH)
     }
 
-    /// The simulator's base URL (for HighQ, the instance base URL).
+    /// The simulator's base URL; in HighQ mode the instance base URL
+    /// (`http://127.0.0.1:{port}/collaborate/`), from which
+    /// [`ProviderProfile::highq`] derives the token URL.
     pub fn base_url(&self) -> Url {
-        self.url("/")
+        match self.shared.mode {
+            Mode::HighQ => self.url(HIGHQ_INSTANCE_PATH),
+            _ => self.url("/"),
+        }
     }
 
     fn url(&self, path: &str) -> Url {
@@ -275,7 +309,7 @@ impl Simulator {
         match self.shared.mode {
             Mode::Generic => ProviderProfile::generic(self.token_url()),
             Mode::Lucid => ProviderProfile::lucid().with_token_url(self.token_url()),
-            Mode::HighQ => ProviderProfile::highq(self.base_url()).with_token_url(self.token_url()),
+            Mode::HighQ => ProviderProfile::highq(self.base_url()),
             Mode::Autodesk => ProviderProfile::autodesk().with_token_url(self.token_url()),
         }
     }
@@ -297,7 +331,7 @@ impl Simulator {
             revoked: false,
             scopes: vec!["data:read".into(), "data:write".into()],
         });
-        state.new_refresh_token(grant, now, self.shared.refresh_lifetime)
+        state.new_refresh_token(self.shared.mode, grant, now, self.shared.refresh_lifetime)
     }
 
     /// Everything counted so far.
@@ -394,11 +428,17 @@ impl SimState {
 
     fn new_refresh_token(
         &mut self,
+        mode: Mode,
         grant: usize,
         now: OffsetDateTime,
         lifetime: Option<Duration>,
     ) -> String {
-        let token = self.token("sim-rt-");
+        // Lucid's tokens both start `oauth2-`.
+        let token = self.token(if mode == Mode::Lucid {
+            "oauth2-rt-"
+        } else {
+            "sim-rt-"
+        });
         self.refresh_tokens.insert(
             token.clone(),
             IssuedRefresh {
@@ -563,8 +603,12 @@ fn rotate(sim: &Shared, presented: &str, scope: Option<&str>) -> Result<Issued, 
             access.revoked = true;
         }
     }
-    let refresh_token = state.new_refresh_token(grant, now, sim.refresh_lifetime);
-    let access_token = state.token("sim-at-");
+    let refresh_token = state.new_refresh_token(sim.mode, grant, now, sim.refresh_lifetime);
+    let access_token = state.token(if sim.mode == Mode::Lucid {
+        "oauth2-at-"
+    } else {
+        "sim-at-"
+    });
     state.access_tokens.insert(
         access_token.clone(),
         IssuedAccess {
@@ -680,6 +724,10 @@ fn check_client(sim: &Shared, request: &RefreshRequest) -> Result<(), Response> 
         (Some((id, secret)), Some(_)) => (id.clone(), Some(secret.clone())),
         (None, None) => return Err(invalid_client(StatusCode::UNAUTHORIZED)),
     };
+    if matches!(sim.mode, Mode::Lucid | Mode::HighQ) && request.basic.is_some() {
+        // These providers read the client credentials from the body only.
+        return Err(invalid_client(StatusCode::UNAUTHORIZED));
+    }
     if sim.mode == Mode::Autodesk && request.basic.is_none() && body_secret.is_some() {
         return Err(oauth_error(
             sim,
@@ -696,6 +744,10 @@ fn check_client(sim: &Shared, request: &RefreshRequest) -> Result<(), Response> 
 
 fn token_response(sim: &Shared, issued: Issued) -> Response {
     let lifetime = sim.access_lifetime.as_secs();
+    let refresh_lifetime = sim
+        .refresh_lifetime
+        .unwrap_or(Duration::from_secs(365 * DAY))
+        .as_secs();
     match sim.mode {
         Mode::Generic => json_response(json!({
             "access_token": issued.access_token,
@@ -728,13 +780,13 @@ fn token_response(sim: &Shared, issued: Issued) -> Response {
             "token_type": "bearer",
             "expires_in": lifetime.to_string(),
             "refresh_token": issued.refresh_token,
-            "refresh_token_expires_in": "31536000",
+            "refresh_token_expires_in": refresh_lifetime.to_string(),
             "useremail": format!("user{}@example.com", issued.grant),
         })),
         Mode::HighQ => xml_response(
             StatusCode::OK,
             format!(
-                "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<TokenResponse><access_token>{}</access_token><expires_in>{lifetime}</expires_in><refresh_token>{}</refresh_token><refresh_token_expires_in>31536000</refresh_token_expires_in><token_type>bearer</token_type><useremail>user{}@example.com</useremail></TokenResponse>",
+                "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<TokenResponse><access_token>{}</access_token><expires_in>{lifetime}</expires_in><refresh_token>{}</refresh_token><refresh_token_expires_in>{refresh_lifetime}</refresh_token_expires_in><token_type>bearer</token_type><useremail>user{}@example.com</useremail></TokenResponse>",
                 issued.access_token, issued.refresh_token, issued.grant
             ),
         ),
