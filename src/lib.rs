@@ -49,6 +49,7 @@
 //! |---|---|
 //! | `testing` | [`testing`]: a provider simulator on loopback, for examples and your own tests |
 //! | `conformance` | `store::conformance`: the suite every [`TokenStore`] must pass |
+//! | `middleware` | `middleware`: reactive refresh (invalidate and retry once on 401, HighQ 403) as a `reqwest-middleware` middleware and a plain `send_with_token` helper |
 #![deny(missing_docs)]
 #![warn(
     missing_debug_implementations,
@@ -60,6 +61,8 @@
 mod clock;
 mod error;
 mod http;
+#[cfg(feature = "middleware")]
+pub mod middleware;
 pub mod provider;
 mod refresh;
 mod secret;
