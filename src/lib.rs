@@ -58,6 +58,7 @@
 )]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod background;
 mod clock;
 mod error;
 mod http;
@@ -72,6 +73,7 @@ pub mod store;
 pub mod testing;
 mod token;
 
+pub use background::{BackgroundTask, Metrics, Status};
 pub use clock::{Clock, ManualClock, SystemClock, TokioClock};
 pub use error::{Error, ProviderError, ReauthorizationReason, TransientKind};
 pub use provider::ProviderProfile;

@@ -26,6 +26,7 @@ use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 use time::{Duration, OffsetDateTime};
 
+use crate::background::Metrics;
 use crate::clock::{Clock, SystemClock};
 use crate::error::{Error, ReauthorizationReason, TransientKind};
 use crate::http::{RefreshFailure, TokenEndpoint};
@@ -59,7 +60,7 @@ use crate::token::{DEFAULT_LEEWAY, Freshness, TokenSet, absolute_expiry};
 /// ```
 #[derive(Clone)]
 pub struct RefreshingTokenSource {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 impl fmt::Debug for RefreshingTokenSource {
@@ -210,10 +211,11 @@ impl RefreshingTokenSource {
     }
 }
 
-#[async_trait]
-impl TokenSource for RefreshingTokenSource {
-    async fn access_token(&self) -> Result<AccessToken, Error> {
-        // The hot path: one lock-free load, one clock read, one reference count.
+impl RefreshingTokenSource {
+    /// A token valid now, refreshing first if needed: [`TokenSource::access_token`]
+    /// without the trait's boxed future. Fresh tokens cost one lock-free load, one clock
+    /// read and one reference-count increment.
+    pub async fn access_token(&self) -> Result<AccessToken, Error> {
         if let Some(cached) = &*self.inner.cache.load() {
             let now = self.inner.clock.now();
             match cached.freshness(now) {
@@ -229,7 +231,8 @@ impl TokenSource for RefreshingTokenSource {
         self.inner.wait_for_refresh().await
     }
 
-    async fn invalidate(&self, rejected: &AccessToken) {
+    /// Forgets `rejected` if it is still the current token: see [`TokenSource::invalidate`].
+    pub fn invalidate(&self, rejected: &AccessToken) {
         let inner = &self.inner;
         let current = inner.cache.load_full();
         if current.as_ref().is_some_and(|c| &c.token == rejected) {
@@ -239,11 +242,25 @@ impl TokenSource for RefreshingTokenSource {
     }
 }
 
+#[async_trait]
+impl TokenSource for RefreshingTokenSource {
+    async fn access_token(&self) -> Result<AccessToken, Error> {
+        RefreshingTokenSource::access_token(self).await
+    }
+
+    async fn invalidate(&self, rejected: &AccessToken) {
+        RefreshingTokenSource::invalidate(self, rejected);
+    }
+}
+
 /// The published access token, with its expiry precomputed for the hot path.
-struct Cached {
-    token: AccessToken,
-    stale_at: Option<OffsetDateTime>,
-    expires_at: Option<OffsetDateTime>,
+pub(crate) struct Cached {
+    pub(crate) token: AccessToken,
+    pub(crate) stale_at: Option<OffsetDateTime>,
+    pub(crate) expires_at: Option<OffsetDateTime>,
+    /// When the refresh token should be rotated even if nobody asks for a token.
+    pub(crate) keep_alive_at: Option<OffsetDateTime>,
+    pub(crate) refresh_expires_at: Option<OffsetDateTime>,
 }
 
 impl Cached {
@@ -258,25 +275,49 @@ impl Cached {
 }
 
 type Outcome = Result<AccessToken, Error>;
-type Flight = Shared<BoxFuture<'static, Outcome>>;
 
-struct Inner {
-    endpoint: TokenEndpoint,
-    store: Arc<dyn TokenStore>,
-    key: String,
+/// Why a refresh runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Reason {
+    /// The access token is stale, expired, missing or rejected.
+    AccessToken,
+    /// The refresh token nears its own expiry: rotate it even if the access token is fresh.
+    KeepAlive,
+}
+
+/// The refresh token is rotated once this share of its lifetime is left.
+const KEEP_ALIVE_SHARE: i32 = 5;
+
+/// When `set`'s refresh token should be rotated by keep-alive: when a fifth of its
+/// lifetime is left.
+pub(crate) fn keep_alive_at(set: &TokenSet) -> Option<OffsetDateTime> {
+    let expires = set.refresh_expires_at?;
+    let lifetime = (expires - set.obtained_at).max(Duration::ZERO);
+    Some(expires - lifetime / KEEP_ALIVE_SHARE)
+}
+pub(crate) type Flight = Shared<BoxFuture<'static, Outcome>>;
+
+pub(crate) struct Inner {
+    pub(crate) endpoint: TokenEndpoint,
+    pub(crate) store: Arc<dyn TokenStore>,
+    pub(crate) key: String,
     initial_refresh_token: Option<RefreshToken>,
-    leeway: Duration,
-    clock: Arc<dyn Clock>,
+    pub(crate) leeway: Duration,
+    pub(crate) clock: Arc<dyn Clock>,
     lease_ttl: StdDuration,
     /// The published access token: the hot path reads only this.
-    cache: ArcSwapOption<Cached>,
+    pub(crate) cache: ArcSwapOption<Cached>,
     /// The one refresh in flight, shared by every waiter.
     flight: Mutex<Option<Flight>>,
     state: Mutex<State>,
 }
 
 #[derive(Default)]
-struct State {
+pub(crate) struct State {
+    /// What happened so far, for [`RefreshingTokenSource::status`].
+    pub(crate) metrics: Metrics,
+    pub(crate) last_refresh: Option<OffsetDateTime>,
+    pub(crate) last_error: Option<Error>,
     /// Spacing of attempts after failures (step 7).
     retry: Retry,
     /// A token set the provider issued whose save failed (step 5): the newest refresh
@@ -349,11 +390,11 @@ async fn release(lease: Lease) {
 }
 
 impl Inner {
-    fn state(&self) -> MutexGuard<'_, State> {
+    pub(crate) fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn flight(&self) -> MutexGuard<'_, Option<Flight>> {
+    pub(crate) fn flight(&self) -> MutexGuard<'_, Option<Flight>> {
         self.flight.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -361,7 +402,7 @@ impl Inner {
     fn start_refresh(self: &Arc<Self>, now: OffsetDateTime) {
         let mut flight = self.flight();
         if flight.is_none() && self.state().retry.too_early(now).is_none() {
-            *flight = Some(self.spawn_refresh());
+            *flight = Some(self.spawn_refresh(Reason::AccessToken));
         }
     }
 
@@ -381,7 +422,7 @@ impl Inner {
                     if let Some(e) = self.state().retry.too_early(self.clock.now()) {
                         return Err(e);
                     }
-                    let running = self.spawn_refresh();
+                    let running = self.spawn_refresh(Reason::AccessToken);
                     *flight = Some(running.clone());
                     running
                 }
@@ -399,14 +440,38 @@ impl Inner {
         }
     }
 
+    /// Joins the refresh in flight or starts one, whatever the cache holds (background
+    /// refresher, keep-alive). Respects the backoff.
+    pub(crate) async fn refresh_now(self: &Arc<Self>, reason: Reason) -> Outcome {
+        let flight = {
+            let mut flight = self.flight();
+            match &*flight {
+                Some(running) => running.clone(),
+                None => {
+                    if let Some(e) = self.state().retry.too_early(self.clock.now()) {
+                        return Err(e);
+                    }
+                    let running = self.spawn_refresh(reason);
+                    *flight = Some(running.clone());
+                    running
+                }
+            }
+        };
+        flight.await
+    }
+
     /// Spawns the refresh task. The caller holds the flight gate.
-    fn spawn_refresh(self: &Arc<Self>) -> Flight {
+    pub(crate) fn spawn_refresh(self: &Arc<Self>, reason: Reason) -> Flight {
         let inner = Arc::clone(self);
         let task = tokio::spawn(async move {
-            let mut outcome = inner.refresh().await;
+            let mut outcome = inner.refresh(reason).await;
             let now = inner.clock.now();
             {
                 let mut state = inner.state();
+                if let Err(e) = &outcome {
+                    state.metrics.count_failure(e);
+                    state.last_error = Some(e.clone());
+                }
                 match &mut outcome {
                     Ok(_) => state.retry.succeeded(),
                     Err(e) if e.needs_reauthorization() => {}
@@ -444,12 +509,14 @@ impl Inner {
             token: token.clone(),
             stale_at: set.stale_at(self.leeway),
             expires_at: set.expires_at,
+            keep_alive_at: keep_alive_at(set),
+            refresh_expires_at: set.refresh_expires_at,
         })));
         Some(token)
     }
 
     /// The refresh protocol, steps 1 to 7.
-    async fn refresh(self: &Arc<Self>) -> Outcome {
+    async fn refresh(self: &Arc<Self>, reason: Reason) -> Outcome {
         // Step 1: the lease.
         let lease = self
             .store
@@ -463,15 +530,15 @@ impl Inner {
                 },
                 e => Error::Storage(e),
             })?;
-        let outcome = self.refresh_under_lease(&lease).await;
+        let outcome = self.refresh_under_lease(&lease, reason).await;
         release(lease).await;
         outcome
     }
 
-    async fn refresh_under_lease(self: &Arc<Self>, lease: &Lease) -> Outcome {
+    async fn refresh_under_lease(self: &Arc<Self>, lease: &Lease, reason: Reason) -> Outcome {
         // Step 2: reload, and adopt what another process refreshed.
         let (mut current, mut version) = self.load_current(lease).await?;
-        if let Some(token) = self.adoptable(&current) {
+        if let Some(token) = self.adoptable(&current, reason) {
             return Ok(token);
         }
         let mut retried_rotated = false;
@@ -501,6 +568,11 @@ impl Inner {
                 // Steps 4 and 5.
                 Ok(response) => {
                     let next = merge(self.endpoint.profile(), &current, response, sent_at);
+                    {
+                        let mut state = self.state();
+                        state.metrics.refreshes += 1;
+                        state.last_refresh = Some(sent_at);
+                    }
                     return Ok(self.save_and_publish(next, version, lease).await);
                 }
                 // Step 6.
@@ -511,7 +583,8 @@ impl Inner {
                             && stored.value.refresh_token.as_ref() != Some(&refresh_token);
                         if rotated {
                             tracing::info!(key = %self.key, "refresh token was rotated by another writer; adopting it");
-                            if let Some(token) = self.adoptable(&stored.value) {
+                            self.state().metrics.rotations_adopted += 1;
+                            if let Some(token) = self.adoptable(&stored.value, reason) {
                                 return Ok(token);
                             }
                             if !retried_rotated {
@@ -571,13 +644,17 @@ impl Inner {
     }
 
     /// Adopts `set` if its access token is fresh and not one the API rejected.
-    fn adoptable(&self, set: &TokenSet) -> Option<AccessToken> {
+    fn adoptable(&self, set: &TokenSet, reason: Reason) -> Option<AccessToken> {
         let token = set.access_token.as_ref()?;
-        if set.freshness(self.clock.now(), self.leeway) != Freshness::Fresh
+        let now = self.clock.now();
+        let keep_alive_due = keep_alive_at(set).is_some_and(|at| now >= at);
+        if set.freshness(now, self.leeway) != Freshness::Fresh
+            || (reason == Reason::KeepAlive && keep_alive_due)
             || self.state().rejected_access.as_ref() == Some(token)
         {
             return None;
         }
+        self.state().metrics.adoptions += 1;
         self.publish(set)
     }
 
@@ -593,7 +670,10 @@ impl Inner {
             Ok(_) => {}
             Err(e) => {
                 tracing::error!(key = %self.key, error = %e, "the refreshed token set could not be saved; keeping it in memory and retrying");
-                self.state().unsaved = Some(next.clone());
+                let mut state = self.state();
+                state.unsaved = Some(next.clone());
+                state.metrics.failed_saves += 1;
+                drop(state);
                 self.spawn_save_retry();
             }
         }

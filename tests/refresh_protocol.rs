@@ -479,7 +479,7 @@ async fn an_invalidated_token_is_not_adopted_again_from_the_store() {
         .await;
     let source = fx.source();
     let rejected = source.access_token().await.unwrap();
-    source.invalidate(&rejected).await;
+    source.invalidate(&rejected);
     assert_eq!(source.access_token().await.unwrap().secret(), "at-2");
     fx.server.verify().await;
 }

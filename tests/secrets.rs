@@ -7,7 +7,7 @@ use time::OffsetDateTime;
 use tokenkeeper::store::StoreError;
 use tokenkeeper::{
     AccessToken, ClientCredentials, ClientSecret, Error, FileStore, MemoryStore, ProviderProfile,
-    RefreshToken, RefreshingTokenSource, TokenSet, TokenSource, TokenStore,
+    RefreshToken, RefreshingTokenSource, TokenSet, TokenStore,
 };
 use url::Url;
 use wiremock::matchers::method;
