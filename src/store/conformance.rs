@@ -40,9 +40,13 @@ pub async fn run(store: &dyn TokenStore, leases: Leases) {
     keys_are_independent(store).await;
     lease_excludes_a_second_holder(store).await;
     concurrent_savers_of_one_version_exactly_one_wins(store).await;
+    a_lease_on_another_key_cannot_save(store).await;
     if leases == Leases::Expiring {
         an_expired_lease_can_be_taken_over(store).await;
         an_expired_holder_cannot_overwrite_a_newer_token(store).await;
+        an_expired_lease_refuses_saves(store).await;
+        a_late_release_does_not_free_a_newer_lease(store).await;
+        fencing_numbers_grow_with_every_grant(store).await;
     }
 }
 
@@ -265,4 +269,85 @@ async fn an_expired_holder_cannot_overwrite_a_newer_token(store: &dyn TokenStore
     );
     let loaded = store.load(&key).await.expect("load").expect("saved");
     assert_eq!(loaded.value, new, "the newer token stays");
+}
+
+async fn a_lease_on_another_key_cannot_save(store: &dyn TokenStore) {
+    let base = unique_key("otherkey");
+    let (a, b) = (format!("{base}:a"), format!("{base}:b"));
+    let lease_a = store.lease(&a, ttl()).await.expect("lease");
+    let wrong = store.save(&b, &sample("wrong"), None, &lease_a).await;
+    assert!(
+        matches!(wrong, Err(StoreError::LeaseLost)),
+        "a lease on one key does not allow writing another, got {wrong:?}"
+    );
+    lease_a.release().await.expect("release");
+    assert!(
+        store.load(&b).await.expect("load").is_none(),
+        "the refused save wrote nothing"
+    );
+}
+
+async fn an_expired_lease_refuses_saves(store: &dyn TokenStore) {
+    let key = unique_key("expired-save");
+    let setup = store.lease(&key, ttl()).await.expect("lease");
+    let kept = sample("kept");
+    let v1 = store.save(&key, &kept, None, &setup).await.expect("save");
+    setup.release().await.expect("release");
+
+    let short = store
+        .lease(&key, Duration::from_millis(200))
+        .await
+        .expect("lease");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Nobody took the lease over, and the version is right: still refused.
+    let late = store.save(&key, &sample("late"), Some(v1), &short).await;
+    assert!(
+        matches!(late, Err(StoreError::LeaseLost)),
+        "a save after the lease expired is refused even if nobody took it over, got {late:?}"
+    );
+    let loaded = store.load(&key).await.expect("load").expect("saved");
+    assert_eq!(
+        (loaded.value, loaded.version),
+        (kept, v1),
+        "the refused save wrote nothing"
+    );
+    drop(short);
+}
+
+async fn a_late_release_does_not_free_a_newer_lease(store: &dyn TokenStore) {
+    let key = unique_key("late-release");
+    let expired = store
+        .lease(&key, Duration::from_millis(200))
+        .await
+        .expect("lease");
+    let newer = tokio::time::timeout(Duration::from_secs(5), store.lease(&key, ttl()))
+        .await
+        .expect("an expired lease is taken over in time")
+        .expect("lease");
+    let _ = expired.release().await;
+    let third = store.lease(&key, Duration::from_millis(300)).await;
+    assert!(
+        matches!(third, Err(StoreError::LeaseTimeout { .. })),
+        "releasing an expired lease must not free its successor's, got {third:?}"
+    );
+    let saved = store.save(&key, &sample("newer"), None, &newer).await;
+    assert!(saved.is_ok(), "the successor still writes, got {saved:?}");
+    newer.release().await.expect("release");
+}
+
+async fn fencing_numbers_grow_with_every_grant(store: &dyn TokenStore) {
+    let key = unique_key("fencing-grows");
+    let mut last = None;
+    for _ in 0..3 {
+        let lease = store.lease(&key, ttl()).await.expect("lease");
+        if let Some(last) = last {
+            assert!(
+                lease.fencing() > last,
+                "fencing numbers grow across release and re-grant: {last} then {}",
+                lease.fencing()
+            );
+        }
+        last = Some(lease.fencing());
+        lease.release().await.expect("release");
+    }
 }

@@ -42,6 +42,12 @@ use crate::token::TokenSet;
 pub mod conformance;
 mod file;
 mod memory;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub mod postgres;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub mod redis;
 
 pub use file::FileStore;
 pub use memory::MemoryStore;

@@ -1,0 +1,420 @@
+//! [`RedisStore`]: token sets in Redis, shared by every machine that reaches the server
+//! (feature `redis`).
+//!
+//! # Layout
+//!
+//! For a store key `k` and the prefix `p` (default `"tokenkeeper:"`):
+//!
+//! | Redis key | type | holds |
+//! |---|---|---|
+//! | `p` `token:` `k` | hash | `version` (decimal) and `body` ([`encode`](super::encode)d token set, which embeds the version too) |
+//! | `p` `lease:` `k` | string | `<owner>:<fencing>` of the lease holder, with a `PX` expiry of the lease's ttl |
+//! | `p` `fencing:` `k` | string | the fencing counter, `INCR`ed for every lease granted |
+//!
+//! # Leases and fencing
+//!
+//! A lease is taken by one Lua script that `INCR`s the key's fencing counter and sets the
+//! lease key to `<owner>:<fencing>` with `SET NX PX ttl` (the owner is 128 random bits per
+//! lease): Redis expires it `ttl` after the grant, so a holder that dies releases it by
+//! expiry. A waiting taker polls every few milliseconds for up to `ttl`, then gives up
+//! with [`StoreError::LeaseTimeout`].
+//!
+//! A save is one Lua script that writes only if the lease key still holds this lease's
+//! `<owner>:<fencing>` (otherwise [`StoreError::LeaseLost`]: the lease expired, and maybe a
+//! newer holder has it) and the stored version is the expected one (otherwise
+//! [`StoreError::Conflict`]). A holder paused past its lease's expiry can therefore never
+//! overwrite what a newer holder wrote. Release is a Lua compare-and-delete of the lease
+//! key, so a late release never frees somebody else's lease.
+//!
+//! Lease expiry is judged by the Redis server's clock alone.
+//!
+//! The store speaks to one Redis server (or a primary); it does not use Redis Cluster
+//! hash tags.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::Script;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::time::Instant;
+
+use super::{Lease, LeaseRelease, StoreError, TokenStore, Versioned, decode, encode};
+use crate::token::TokenSet;
+
+/// How often a waiting taker retries the lease.
+const LEASE_POLL: Duration = Duration::from_millis(10);
+
+/// Takes the lease: `KEYS[1]` lease key, `KEYS[2]` fencing counter; `ARGV[1]` owner,
+/// `ARGV[2]` ttl in ms. Returns the fencing number, or -1 and the lease's remaining
+/// milliseconds when it is held.
+const ACQUIRE: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return {-1, redis.call('PTTL', KEYS[1])}
+end
+local fencing = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], ARGV[1] .. ':' .. fencing, 'NX', 'PX', ARGV[2])
+return {fencing, 0}
+";
+
+/// Compare-and-delete: `KEYS[1]` lease key; `ARGV[1]` `<owner>:<fencing>`.
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
+/// Fenced compare-and-swap: `KEYS[1]` token hash, `KEYS[2]` lease key; `ARGV[1]`
+/// `<owner>:<fencing>`, `ARGV[2]` expected version (`''`: absent), `ARGV[3]` new version,
+/// `ARGV[4]` body. Returns 1 (written), -1 (lease lost) or -2 (version conflict).
+const SAVE: &str = r"
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then
+  return -1
+end
+local current = redis.call('HGET', KEYS[1], 'version')
+if current == false then current = '' end
+if current ~= ARGV[2] then
+  return -2
+end
+redis.call('HSET', KEYS[1], 'version', ARGV[3], 'body', ARGV[4])
+return 1
+";
+
+/// A [`TokenStore`] in Redis, for applications that run several replicas on several
+/// machines. See the [module documentation](self) for the layout and the fencing.
+///
+/// Cheap to clone: clones share one auto-reconnecting connection. While the server is
+/// unreachable every operation fails with [`StoreError::Unavailable`]; the connection is
+/// re-established when the server is back.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// use tokenkeeper::store::redis::RedisStore;
+/// let store = RedisStore::connect("redis://127.0.0.1:6379/0").await?
+///     .with_prefix("myapp:tokens:");
+/// # let _ = store;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct RedisStore {
+    connection: ConnectionManager,
+    prefix: Arc<str>,
+    /// The URL without its password, for Debug.
+    redacted_url: Arc<str>,
+    scripts: Arc<Scripts>,
+}
+
+struct Scripts {
+    acquire: Script,
+    release: Script,
+    save: Script,
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("url", &self.redacted_url)
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The connection string with any password replaced by `***`.
+fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) => {
+            if parsed.password().is_some() {
+                let _ = parsed.set_password(Some("***"));
+            }
+            let query: Vec<(String, String)> = parsed
+                .query_pairs()
+                .map(|(k, v)| {
+                    let v = if k.eq_ignore_ascii_case("pass") || k.eq_ignore_ascii_case("password")
+                    {
+                        "***".to_owned()
+                    } else {
+                        v.into_owned()
+                    };
+                    (k.into_owned(), v)
+                })
+                .collect();
+            if !query.is_empty() {
+                parsed.query_pairs_mut().clear().extend_pairs(query);
+            }
+            parsed.to_string()
+        }
+        Err(_) => "<unparseable URL>".to_owned(),
+    }
+}
+
+/// Why the URL given to [`RedisStore::connect`] was refused (never quotes it).
+#[derive(Debug, thiserror::Error)]
+#[error("invalid Redis URL: {0}")]
+struct InvalidUrl(String);
+
+impl RedisStore {
+    /// Connects to the Redis server at `url` (`redis://[user[:password]@]host[:port][/db]`;
+    /// `rediss://` needs a TLS feature of the `redis` crate that this crate does not
+    /// enable). Fails with [`StoreError::Unavailable`] if the server cannot be reached.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let redacted_url = redact(url);
+        let client = redis::Client::open(url).map_err(|e| {
+            // The redis error may quote the URL: describe it by kind only.
+            StoreError::unavailable(InvalidUrl(format!("{:?}", e.kind())))
+        })?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(Some(Duration::from_secs(5)))
+            .set_number_of_retries(2)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_millis(500));
+        let connection = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(StoreError::unavailable)?;
+        Ok(Self {
+            connection,
+            prefix: Arc::from("tokenkeeper:"),
+            redacted_url: Arc::from(redacted_url),
+            scripts: Arc::new(Scripts {
+                acquire: Script::new(ACQUIRE),
+                release: Script::new(RELEASE),
+                save: Script::new(SAVE),
+            }),
+        })
+    }
+
+    /// Prefixes every Redis key this store uses with `prefix` (default `"tokenkeeper:"`).
+    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = Arc::from(prefix.into());
+        self
+    }
+
+    /// The key prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    fn token_key(&self, key: &str) -> Result<String, StoreError> {
+        check_key(key)?;
+        Ok(format!("{}token:{key}", self.prefix))
+    }
+
+    fn lease_key(&self, key: &str) -> String {
+        format!("{}lease:{key}", self.prefix)
+    }
+
+    fn fencing_key(&self, key: &str) -> String {
+        format!("{}fencing:{key}", self.prefix)
+    }
+}
+
+fn check_key(key: &str) -> Result<(), StoreError> {
+    if key.is_empty() {
+        return Err(StoreError::InvalidKey {
+            key: key.to_owned(),
+            reason: "empty",
+        });
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl TokenStore for RedisStore {
+    async fn load(&self, key: &str) -> Result<Option<Versioned<TokenSet>>, StoreError> {
+        let token_key = self.token_key(key)?;
+        let mut connection = self.connection.clone();
+        let (version, body): (Option<String>, Option<Vec<u8>>) = redis::cmd("HMGET")
+            .arg(&token_key)
+            .arg("version")
+            .arg("body")
+            .query_async(&mut connection)
+            .await
+            .map_err(StoreError::unavailable)?;
+        let (version, body) = match (version, body) {
+            (None, None) => return Ok(None),
+            (Some(version), Some(body)) => (version, body),
+            _ => {
+                return Err(StoreError::Corrupt {
+                    key: key.to_owned(),
+                    reason: "the Redis hash lacks its version or body field".into(),
+                });
+            }
+        };
+        let versioned = decode(key, &body)?;
+        if version.parse::<u64>().ok() != Some(versioned.version) {
+            return Err(StoreError::Corrupt {
+                key: key.to_owned(),
+                reason: "the version field disagrees with the stored record".into(),
+            });
+        }
+        Ok(Some(versioned))
+    }
+
+    async fn save(
+        &self,
+        key: &str,
+        token: &TokenSet,
+        expected: Option<u64>,
+        lease: &Lease,
+    ) -> Result<u64, StoreError> {
+        let token_key = self.token_key(key)?;
+        let lease_key = self.lease_key(key);
+        let Some(held) = lease
+            .guard()
+            .and_then(|g| (g as &dyn std::any::Any).downcast_ref::<RedisLease>())
+            .filter(|held| held.lease_key == lease_key)
+        else {
+            return Err(StoreError::LeaseLost);
+        };
+        let version = expected.map_or(1, |v| v + 1);
+        let expected = expected.map(|v| v.to_string()).unwrap_or_default();
+        let mut connection = self.connection.clone();
+        let outcome: i64 = self
+            .scripts
+            .save
+            .key(&token_key)
+            .key(&lease_key)
+            .arg(&held.value)
+            .arg(expected)
+            .arg(version.to_string())
+            .arg(encode(token, version))
+            .invoke_async(&mut connection)
+            .await
+            .map_err(StoreError::unavailable)?;
+        match outcome {
+            1 => Ok(version),
+            -1 => Err(StoreError::LeaseLost),
+            _ => Err(StoreError::Conflict),
+        }
+    }
+
+    async fn lease(&self, key: &str, ttl: Duration) -> Result<Lease, StoreError> {
+        check_key(key)?;
+        let lease_key = self.lease_key(key);
+        let fencing_key = self.fencing_key(key);
+        let owner = format!("{:032x}", rand::random::<u128>());
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let give_up = Instant::now() + ttl;
+        let mut connection = self.connection.clone();
+        loop {
+            // Taken before asking: the lease surely ends no later than this plus ttl.
+            let asked_at = Instant::now();
+            let (fencing, _remaining_ms): (i64, i64) = self
+                .scripts
+                .acquire
+                .key(&lease_key)
+                .key(&fencing_key)
+                .arg(&owner)
+                .arg(ttl_ms)
+                .invoke_async(&mut connection)
+                .await
+                .map_err(StoreError::unavailable)?;
+            if let Ok(fencing) = u64::try_from(fencing) {
+                return Ok(Lease::new(
+                    fencing,
+                    Some(asked_at + ttl),
+                    RedisLease {
+                        connection: connection.clone(),
+                        scripts: Arc::clone(&self.scripts),
+                        lease_key,
+                        value: format!("{owner}:{fencing}"),
+                        released: false,
+                    },
+                ));
+            }
+            if Instant::now() >= give_up {
+                return Err(StoreError::LeaseTimeout {
+                    key: key.to_owned(),
+                });
+            }
+            tokio::time::sleep(LEASE_POLL.min(give_up.saturating_duration_since(Instant::now())))
+                .await;
+        }
+    }
+}
+
+/// A held Redis lease: released by compare-and-delete, on [`Lease::release`] or (in the
+/// background, when a tokio runtime is around) on drop; otherwise it expires.
+struct RedisLease {
+    connection: ConnectionManager,
+    scripts: Arc<Scripts>,
+    lease_key: String,
+    /// `<owner>:<fencing>`.
+    value: String,
+    released: bool,
+}
+
+impl fmt::Debug for RedisLease {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisLease")
+            .field("lease_key", &self.lease_key)
+            .field("value", &self.value)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisLease {
+    async fn compare_and_delete(
+        mut connection: ConnectionManager,
+        scripts: &Scripts,
+        lease_key: &str,
+        value: &str,
+    ) -> Result<(), StoreError> {
+        let _deleted: i64 = scripts
+            .release
+            .key(lease_key)
+            .arg(value)
+            .invoke_async(&mut connection)
+            .await
+            .map_err(StoreError::unavailable)?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl LeaseRelease for RedisLease {
+    async fn release(mut self: Box<Self>) -> Result<(), StoreError> {
+        self.released = true;
+        Self::compare_and_delete(
+            self.connection.clone(),
+            &self.scripts,
+            &self.lease_key,
+            &self.value,
+        )
+        .await
+    }
+}
+
+impl Drop for RedisLease {
+    fn drop(&mut self) {
+        if self.released {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let (connection, scripts) = (self.connection.clone(), Arc::clone(&self.scripts));
+            let (lease_key, value) = (
+                std::mem::take(&mut self.lease_key),
+                std::mem::take(&mut self.value),
+            );
+            runtime.spawn(async move {
+                let _ = Self::compare_and_delete(connection, &scripts, &lease_key, &value).await;
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn passwords_never_reach_debug() {
+        let shown = redact("redis://user:hunter2@example.com:6380/1?pass=hunter3");
+        assert!(!shown.contains("hunter"), "{shown}");
+        assert!(shown.contains("example.com:6380"), "{shown}");
+        assert_eq!(redact("not a url"), "<unparseable URL>");
+    }
+}
