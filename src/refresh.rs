@@ -218,6 +218,10 @@ impl RefreshingTokenSource {
     pub async fn access_token(&self) -> Result<AccessToken, Error> {
         if let Some(cached) = &*self.inner.cache.load() {
             let now = self.inner.clock.now();
+            // One comparison on the hot path.
+            if now < cached.fresh_until {
+                return Ok(cached.token.clone());
+            }
             match cached.freshness(now) {
                 Freshness::Fresh => return Ok(cached.token.clone()),
                 Freshness::Stale => {
@@ -256,6 +260,9 @@ impl TokenSource for RefreshingTokenSource {
 /// The published access token, with its expiry precomputed for the hot path.
 pub(crate) struct Cached {
     pub(crate) token: AccessToken,
+    /// `stale_at`, or the end of time when the expiry is unknown: the hot path's one
+    /// comparison.
+    fresh_until: OffsetDateTime,
     pub(crate) stale_at: Option<OffsetDateTime>,
     pub(crate) expires_at: Option<OffsetDateTime>,
     /// When the refresh token should be rotated even if nobody asks for a token.
@@ -505,9 +512,11 @@ impl Inner {
     /// Publishes a token set's access token to the hot path.
     fn publish(&self, set: &TokenSet) -> Option<AccessToken> {
         let token = set.access_token.clone()?;
+        let stale_at = set.stale_at(self.leeway);
         self.cache.store(Some(Arc::new(Cached {
             token: token.clone(),
-            stale_at: set.stale_at(self.leeway),
+            fresh_until: stale_at.unwrap_or(time::PrimitiveDateTime::MAX.assume_utc()),
+            stale_at,
             expires_at: set.expires_at,
             keep_alive_at: keep_alive_at(set),
             refresh_expires_at: set.refresh_expires_at,
