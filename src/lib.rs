@@ -50,6 +50,8 @@
 //! | `testing` | [`testing`]: a provider simulator on loopback, for examples and your own tests |
 //! | `conformance` | `store::conformance`: the suite every [`TokenStore`] must pass |
 //! | `middleware` | `middleware`: reactive refresh (invalidate and retry once on 401, HighQ 403) as a `reqwest-middleware` middleware and a plain `send_with_token` helper |
+//! | `redis` | `store::redis::RedisStore`: token sets in Redis for replicas on several machines; `SET NX PX` leases with fencing numbers checked by the save |
+//! | `postgres` | `store::postgres::PostgresStore`: token sets in one PostgreSQL table; lease rows with expiry (database clock) and fencing numbers checked by the save |
 #![deny(missing_docs)]
 #![warn(
     missing_debug_implementations,
