@@ -7,7 +7,7 @@
 //!
 //! | Redis key | type | holds |
 //! |---|---|---|
-//! | `p` `token:` `k` | hash | `version` (decimal) and `body` ([`encode`](super::encode)d token set, which embeds the version too) |
+//! | `p` `token:` `k` | hash | `version` (decimal) and `body` (the token set as [`super::encode`] writes it, version included) |
 //! | `p` `lease:` `k` | string | `<owner>:<fencing>` of the lease holder, with a `PX` expiry of the lease's ttl |
 //! | `p` `fencing:` `k` | string | the fencing counter, `INCR`ed for every lease granted |
 //!
