@@ -11,6 +11,9 @@ use tokio::time::Instant;
 use super::{Lease, LeaseRelease, StoreError, TokenStore, Versioned, decode, encode};
 use crate::token::TokenSet;
 
+/// The suffix of temporary files.
+const TEMP_SUFFIX: &str = ".tmp";
+
 /// How often a waiting process retries the lock file.
 const LOCK_POLL: Duration = Duration::from_millis(10);
 
@@ -70,12 +73,23 @@ impl FileStore {
         decode(key, &bytes).map(Some)
     }
 
+    /// Writes through a temporary file named after the key. Called under the key's lease,
+    /// so any earlier temporary file of the key was left by a writer that died: removed.
     fn write_atomically(&self, key: &str, bytes: &[u8]) -> io::Result<()> {
+        // `~` never occurs in a stem, so no other key's temporary file matches.
+        let prefix = format!(".{}~", file_stem(key).map_err(io::Error::other)?);
+        for entry in fs::read_dir(&self.dir)? {
+            let name = entry?.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with(&prefix) && name.ends_with(TEMP_SUFFIX) {
+                let _ = fs::remove_file(self.dir.join(&*name));
+            }
+        }
         // tempfile creates the file with mode 0600 (O_EXCL), in the same directory so that
         // the rename is atomic.
         let mut temp = tempfile::Builder::new()
-            .prefix(".tokenkeeper-")
-            .suffix(".tmp")
+            .prefix(&prefix)
+            .suffix(TEMP_SUFFIX)
             .tempfile_in(&self.dir)?;
         temp.write_all(bytes)?;
         temp.as_file().sync_all()?;
@@ -216,6 +230,21 @@ impl LeaseRelease for FileLock {
 #[cfg(test)]
 mod tests {
     use super::file_stem;
+
+    #[test]
+    fn a_dead_writers_temporary_file_is_removed_by_the_next_save() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = super::FileStore::new(dir.path());
+        std::fs::write(dir.path().join(".k~dead.tmp"), b"partial").unwrap();
+        std::fs::write(dir.path().join(".other~live.tmp"), b"partial").unwrap();
+        store.write_atomically("k", b"{}").unwrap();
+        let mut names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, [".other~live.tmp", "k.json"]);
+    }
 
     #[test]
     fn distinct_keys_get_distinct_safe_file_names() {
