@@ -6,16 +6,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::time::Instant;
 
-use super::{Lease, LeaseRelease, StoreError, TokenStore, Versioned, decode, encode};
+use super::{Lease, LeaseRelease, StoreError, TokenStore, Versioned, decode, encode, poll_lease};
 use crate::token::TokenSet;
 
 /// The suffix of temporary files.
 const TEMP_SUFFIX: &str = ".tmp";
-
-/// How often a waiting process retries the lock file.
-const LOCK_POLL: Duration = Duration::from_millis(10);
 
 /// A directory of token files: `<key>.json`, each written atomically (temporary file,
 /// fsync, rename, fsync of the directory) and readable by its owner only (mode 0600 from
@@ -176,7 +172,7 @@ impl TokenStore for FileStore {
 
     async fn lease(&self, key: &str, ttl: Duration) -> Result<Lease, StoreError> {
         let path = self.lock_path(key)?;
-        let give_up = Instant::now() + ttl;
+        let path_for_lock = path.clone();
         let store = self.clone();
         let file = blocking(move || {
             store.create_dir().map_err(StoreError::unavailable)?;
@@ -187,29 +183,26 @@ impl TokenStore for FileStore {
             options.open(&path).map_err(StoreError::unavailable)
         })
         .await?;
-        loop {
-            match file.try_lock() {
-                Ok(()) => {
-                    return Ok(Lease::new(
+        // The lease owns the locked file: taken out of here once, on success.
+        let mut file = Some(file);
+        poll_lease(key, ttl, || {
+            let taken = match file.as_ref().map(File::try_lock) {
+                Some(Ok(())) => Ok(file.take().map(|file| {
+                    Lease::new(
                         0,
                         None,
                         FileLock {
-                            path: self.lock_path(key)?,
+                            path: path_for_lock.clone(),
                             _file: file,
                         },
-                    ));
-                }
-                Err(TryLockError::WouldBlock) if Instant::now() < give_up => {
-                    tokio::time::sleep(LOCK_POLL).await;
-                }
-                Err(TryLockError::WouldBlock) => {
-                    return Err(StoreError::LeaseTimeout {
-                        key: key.to_owned(),
-                    });
-                }
-                Err(TryLockError::Error(e)) => return Err(StoreError::unavailable(e)),
-            }
-        }
+                    )
+                })),
+                Some(Err(TryLockError::WouldBlock)) | None => Ok(None),
+                Some(Err(TryLockError::Error(e))) => Err(StoreError::unavailable(e)),
+            };
+            std::future::ready(taken)
+        })
+        .await
     }
 }
 

@@ -166,6 +166,36 @@ impl Lease {
     }
 }
 
+/// How often [`poll_lease`] asks again.
+const LEASE_POLL: Duration = Duration::from_millis(10);
+
+/// Waits for a lease the way stores that cannot notify waiters do: calls `try_take` every
+/// 10 ms until it grants one (`Ok(Some)`), fails, or `ttl` has passed
+/// ([`StoreError::LeaseTimeout`]). For [`TokenStore::lease`] implementations.
+pub async fn poll_lease<F, Fut>(
+    key: &str,
+    ttl: Duration,
+    mut try_take: F,
+) -> Result<Lease, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<Lease>, StoreError>>,
+{
+    let give_up = tokio::time::Instant::now() + ttl;
+    loop {
+        if let Some(lease) = try_take().await? {
+            return Ok(lease);
+        }
+        let left = give_up.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return Err(StoreError::LeaseTimeout {
+                key: key.to_owned(),
+            });
+        }
+        tokio::time::sleep(LEASE_POLL.min(left)).await;
+    }
+}
+
 /// A store failure. Implementations of [`TokenStore`] map their own errors onto these.
 #[derive(Clone, Debug, thiserror::Error)]
 #[non_exhaustive]

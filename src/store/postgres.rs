@@ -46,11 +46,8 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio::time::Instant;
 use tokio_postgres::NoTls;
 
-use super::{Lease, LeaseRelease, StoreError, TokenStore, Versioned, decode, encode};
+use super::{Lease, LeaseRelease, StoreError, TokenStore, Versioned, decode, encode, poll_lease};
 use crate::token::TokenSet;
-
-/// How often a waiting taker retries the lease.
-const LEASE_POLL: Duration = Duration::from_millis(10);
 
 /// The default table name.
 pub const DEFAULT_TABLE: &str = "tokenkeeper_tokens";
@@ -392,42 +389,39 @@ impl TokenStore for PostgresStore {
         check_key(key)?;
         let owner = format!("{:032x}", rand::random::<u128>());
         let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1);
-        let give_up = Instant::now() + ttl;
         let client = self.client().await?;
         let statement = client
             .prepare_cached(&self.shared.sql.lease)
             .await
             .map_err(StoreError::unavailable)?;
-        loop {
+        let (client, statement, owner) = (&client, &statement, &owner);
+        poll_lease(key, ttl, || async move {
             // Taken before asking: the lease surely ends no later than this plus ttl.
             let asked_at = Instant::now();
             let row = client
-                .query_opt(&statement, &[&key, &owner, &ttl_ms])
+                .query_opt(statement, &[&key, owner, &ttl_ms])
                 .await
                 .map_err(StoreError::unavailable)?;
-            if let Some(row) = row {
-                let fencing: i64 = row.try_get(0).map_err(StoreError::unavailable)?;
-                return Ok(Lease::new(
-                    u64::try_from(fencing).unwrap_or(0),
-                    Some(asked_at + ttl),
-                    PostgresLease {
-                        pool: self.pool.clone(),
-                        shared: Arc::clone(&self.shared),
-                        key: key.to_owned(),
-                        owner,
-                        fencing: u64::try_from(fencing).unwrap_or(0),
-                        released: false,
-                    },
-                ));
-            }
-            if Instant::now() >= give_up {
-                return Err(StoreError::LeaseTimeout {
+            // No row: another holder has the lease.
+            let Some(row) = row else {
+                return Ok(None);
+            };
+            let fencing: i64 = row.try_get(0).map_err(StoreError::unavailable)?;
+            let fencing = u64::try_from(fencing).unwrap_or(0);
+            Ok(Some(Lease::new(
+                fencing,
+                Some(asked_at + ttl),
+                PostgresLease {
+                    pool: self.pool.clone(),
+                    shared: Arc::clone(&self.shared),
                     key: key.to_owned(),
-                });
-            }
-            tokio::time::sleep(LEASE_POLL.min(give_up.saturating_duration_since(Instant::now())))
-                .await;
-        }
+                    owner: owner.clone(),
+                    fencing,
+                    released: false,
+                },
+            )))
+        })
+        .await
     }
 }
 

@@ -40,11 +40,8 @@ use redis::Script;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::time::Instant;
 
-use super::{Lease, LeaseRelease, StoreError, TokenStore, Versioned, decode, encode};
+use super::{Lease, LeaseRelease, StoreError, TokenStore, Versioned, decode, encode, poll_lease};
 use crate::token::TokenSet;
-
-/// How often a waiting taker retries the lease.
-const LEASE_POLL: Duration = Duration::from_millis(10);
 
 /// Takes the lease: `KEYS[1]` lease key, `KEYS[2]` fencing counter; `ARGV[1]` owner,
 /// `ARGV[2]` ttl in ms. Returns the fencing number, or -1 and the lease's remaining
@@ -297,42 +294,37 @@ impl TokenStore for RedisStore {
         let fencing_key = self.fencing_key(key);
         let owner = format!("{:032x}", rand::random::<u128>());
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-        let give_up = Instant::now() + ttl;
-        let mut connection = self.connection.clone();
-        loop {
+        let (lease_key, fencing_key, owner) = (&lease_key, &fencing_key, &owner);
+        poll_lease(key, ttl, || async move {
+            let mut connection = self.connection.clone();
             // Taken before asking: the lease surely ends no later than this plus ttl.
             let asked_at = Instant::now();
             let (fencing, _remaining_ms): (i64, i64) = self
                 .scripts
                 .acquire
-                .key(&lease_key)
-                .key(&fencing_key)
-                .arg(&owner)
+                .key(lease_key)
+                .key(fencing_key)
+                .arg(owner)
                 .arg(ttl_ms)
                 .invoke_async(&mut connection)
                 .await
                 .map_err(StoreError::unavailable)?;
-            if let Ok(fencing) = u64::try_from(fencing) {
-                return Ok(Lease::new(
+            // A negative fencing number means another holder has the lease.
+            Ok(u64::try_from(fencing).ok().map(|fencing| {
+                Lease::new(
                     fencing,
                     Some(asked_at + ttl),
                     RedisLease {
-                        connection: connection.clone(),
+                        connection,
                         scripts: Arc::clone(&self.scripts),
-                        lease_key,
+                        lease_key: lease_key.clone(),
                         value: format!("{owner}:{fencing}"),
                         released: false,
                     },
-                ));
-            }
-            if Instant::now() >= give_up {
-                return Err(StoreError::LeaseTimeout {
-                    key: key.to_owned(),
-                });
-            }
-            tokio::time::sleep(LEASE_POLL.min(give_up.saturating_duration_since(Instant::now())))
-                .await;
-        }
+                )
+            }))
+        })
+        .await
     }
 }
 
