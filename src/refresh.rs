@@ -342,14 +342,23 @@ struct Retry {
 }
 
 impl Retry {
-    /// Records a failure: the next attempt waits for the backoff step, or for the
-    /// provider's `retry_after` when that is longer.
-    fn failed(&mut self, now: OffsetDateTime, error: &Error) {
-        let step = self
+    /// Records a failure. The next attempt waits a full-jitter step (anywhere between
+    /// [`MIN_RETRY`] and the exponential cap), no later than `valid_until` (a still-valid
+    /// token gets one more try before it dies), and never less than the provider's
+    /// `retry_after`.
+    fn failed(&mut self, now: OffsetDateTime, error: &Error, valid_until: Option<OffsetDateTime>) {
+        let cap = self
             .backoff
             .get_or_insert_with(backoff)
             .next()
-            .unwrap_or(StdDuration::from_secs(300));
+            .unwrap_or(MAX_RETRY);
+        let mut step = MIN_RETRY + cap.saturating_sub(MIN_RETRY).mul_f64(fastrand::f64());
+        if let Some(left) = valid_until
+            .map(|until| until - now)
+            .and_then(|left| StdDuration::try_from(left).ok())
+        {
+            step = step.min(left.max(MIN_RETRY));
+        }
         let wait = error.retry_after().map_or(step, |r| r.max(step));
         self.not_before = Some(now + wait);
         self.last_kind = Some(match error {
@@ -380,12 +389,17 @@ impl Retry {
     }
 }
 
+/// The shortest spacing of attempts: at most one request per second, whatever callers do.
+const MIN_RETRY: StdDuration = StdDuration::from_secs(1);
+/// The longest backoff step.
+const MAX_RETRY: StdDuration = StdDuration::from_secs(600);
+
+/// The exponential caps: 1 s doubling to 10 minutes (jitter is applied by the user).
 fn backoff() -> ExponentialBackoff {
     ExponentialBuilder::default()
-        .with_min_delay(StdDuration::from_secs(1))
-        .with_max_delay(StdDuration::from_secs(300))
+        .with_min_delay(MIN_RETRY)
+        .with_max_delay(MAX_RETRY)
         .with_factor(2.0)
-        .with_jitter()
         .without_max_times()
         .build()
 }
@@ -483,7 +497,8 @@ impl Inner {
                     Ok(_) => state.retry.succeeded(),
                     Err(e) if e.needs_reauthorization() => {}
                     Err(e) => {
-                        state.retry.failed(now, e);
+                        let valid_until = inner.cache.load().as_ref().and_then(|c| c.expires_at);
+                        state.retry.failed(now, e, valid_until);
                         // Tell waiters when the next attempt will be allowed.
                         if let Error::Transient { retry_after, .. } = e {
                             *retry_after = state.retry.wait(now);
@@ -713,7 +728,9 @@ impl Inner {
         tokio::spawn(async move {
             let mut delays = backoff();
             loop {
-                tokio::time::sleep(delays.next().unwrap_or(StdDuration::from_secs(60))).await;
+                // The new refresh token exists only in memory: retry at least every minute.
+                let delay = delays.next().unwrap_or(MAX_RETRY);
+                tokio::time::sleep(delay.min(StdDuration::from_secs(60))).await;
                 let Some(unsaved) = inner.state().unsaved.clone() else {
                     return;
                 };

@@ -108,8 +108,8 @@ async fn cycle(
                     tally.panics += 1;
                 }
                 *tally.failures.entry(kind_of(&e)).or_default() += 1;
-                // Past the backoff (and the provider's Retry-After): backon's jittered step
-                // is at most twice its 300 s cap.
+                // Past the backoff (and the provider's Retry-After): a step is at most the
+                // 600 s cap.
                 let wait = e.retry_after().unwrap_or(Duration::from_secs(600));
                 clock.advance(time::Duration::try_from(wait).unwrap() + time::Duration::SECOND);
             }
