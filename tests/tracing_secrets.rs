@@ -1,0 +1,113 @@
+//! What tokenkeeper logs through `tracing`, at every level, never holds a token or secret.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::json;
+use tokenkeeper::testing::{Mode, Simulator};
+use tokenkeeper::{ClientCredentials, MemoryStore, ProviderProfile, RefreshingTokenSource};
+use tracing_subscriber::fmt::MakeWriter;
+use url::Url;
+use wiremock::matchers::method;
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+const REFRESH: &str = "RT-logged-secret-refresh";
+const CLIENT_SECRET: &str = "CS-logged-secret-client";
+
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+async fn refresh_against(response: ResponseTemplate) {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(response)
+        .mount(&server)
+        .await;
+    let mut profile =
+        ProviderProfile::generic(Url::parse(&format!("{}/token", server.uri())).unwrap());
+    profile.request_timeout = Duration::from_millis(300);
+    let source =
+        RefreshingTokenSource::builder(profile, ClientCredentials::new("id", CLIENT_SECRET))
+            .initial_refresh_token(REFRESH)
+            .build()
+            .unwrap();
+    let _ = source.access_token().await;
+}
+
+#[test]
+fn nothing_logged_at_any_level_shows_a_token_or_secret() {
+    let captured = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(captured.clone())
+        .with_ansi(false)
+        .finish();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut issued = Vec::new();
+    tracing::subscriber::with_default(subscriber, || {
+        runtime.block_on(async {
+            // Successful refreshes with rotation, through the simulator.
+            let sim = Simulator::builder(Mode::Lucid).start().await.unwrap();
+            let store = MemoryStore::new();
+            let source = RefreshingTokenSource::builder(sim.profile(), sim.credentials())
+                .store(store.clone())
+                .initial_refresh_token(sim.issue_grant())
+                .build()
+                .unwrap();
+            for _ in 0..3 {
+                let token = source.access_token().await.unwrap();
+                issued.push(token.secret().to_owned());
+                source.invalidate(&token);
+            }
+            let set = store.get("default").unwrap().value;
+            issued.push(set.refresh_token.unwrap().secret().to_owned());
+            issued.push("sim-secret".to_owned());
+
+            // Failures, with a provider that echoes the secrets back.
+            let echo = format!("token {REFRESH} client {CLIENT_SECRET}");
+            refresh_against(
+                ResponseTemplate::new(400)
+                    .set_body_json(json!({"error": "invalid_grant", "error_description": echo})),
+            )
+            .await;
+            refresh_against(ResponseTemplate::new(503).set_body_string(echo.clone())).await;
+            refresh_against(ResponseTemplate::new(200).set_body_string(format!(
+                "{{\"access_token\": 7, \"refresh_token\": \"{REFRESH}\", \"expires_in\": \"{REFRESH}\"}}"
+            )))
+            .await;
+        });
+    });
+    let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        log.contains("refresh") && log.contains("WARN"),
+        "the flows above log what they do:\n{log}"
+    );
+    for secret in issued
+        .iter()
+        .map(String::as_str)
+        .chain([REFRESH, CLIENT_SECRET])
+    {
+        assert!(!log.contains(secret), "a secret was logged:\n{log}");
+    }
+}
