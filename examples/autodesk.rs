@@ -12,59 +12,31 @@
 //! narrow the scope on refresh. `APS_REFRESH_TOKEN` is imported only when the store holds
 //! nothing yet; the rotated tokens live in `TOKENKEEPER_STORE_DIR` (default `./tokens`).
 
+mod common;
+
 use std::process::ExitCode;
 
-use tokenkeeper::{ClientCredentials, FileStore, ProviderProfile, RefreshingTokenSource};
-
-fn env(name: &str) -> Result<String, String> {
-    optional_env(name).ok_or_else(|| format!("the environment variable {name} is not set"))
-}
-
-fn optional_env(name: &str) -> Option<String> {
-    std::env::var(name)
-        .ok()
-        .map(|v| v.trim().to_owned())
-        .filter(|v| !v.is_empty())
-}
+use tokenkeeper::{ClientCredentials, ProviderProfile, RefreshingTokenSource};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    match run().await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    common::print_fresh_token(source(), "APS_REFRESH_TOKEN").await
 }
 
-async fn run() -> Result<(), Box<dyn std::error::Error>> {
-    let client_id = env("APS_CLIENT_ID")?;
-    let credentials = match optional_env("APS_CLIENT_SECRET") {
+fn source() -> Result<RefreshingTokenSource, Box<dyn std::error::Error>> {
+    let client_id = common::env("APS_CLIENT_ID")?;
+    // Without a secret this is a public (PKCE) client: client_id in the body only.
+    let credentials = match common::optional_env("APS_CLIENT_SECRET") {
         Some(secret) => ClientCredentials::new(client_id, secret),
         None => ClientCredentials::public(client_id),
     };
-    let refresh_token = env("APS_REFRESH_TOKEN")?;
-    let store_dir = std::env::var("TOKENKEEPER_STORE_DIR").unwrap_or_else(|_| "tokens".into());
-
     let mut profile = ProviderProfile::autodesk();
-    if let Some(scope) = optional_env("APS_SCOPE") {
+    if let Some(scope) = common::optional_env("APS_SCOPE") {
         profile = profile.with_refresh_scope(scope.split_whitespace());
     }
-    let source = RefreshingTokenSource::builder(profile, credentials)
-        .store(FileStore::new(&store_dir))
+    Ok(RefreshingTokenSource::builder(profile, credentials)
+        .store(common::file_store())
         .key("autodesk")
-        .initial_refresh_token(refresh_token)
-        .build()?;
-
-    let token = source.access_token().await.map_err(|e| {
-        if e.needs_reauthorization() {
-            format!("{e}\nsign in again and set a new APS_REFRESH_TOKEN")
-        } else {
-            e.to_string()
-        }
-    })?;
-    // Printing the token is what this tool is for: pipe it into an API call.
-    println!("{}", token.secret());
-    Ok(())
+        .initial_refresh_token(common::env("APS_REFRESH_TOKEN")?)
+        .build()?)
 }

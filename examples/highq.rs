@@ -12,56 +12,32 @@
 //! holds nothing yet; the rotated tokens live in `TOKENKEEPER_STORE_DIR` (default
 //! `./tokens`). On API calls, HighQ answers 403 (not 401) for an expired access token.
 
+mod common;
+
 use std::process::ExitCode;
 
-use tokenkeeper::{ClientCredentials, FileStore, ProviderProfile, RefreshingTokenSource};
+use tokenkeeper::{ClientCredentials, ProviderProfile, RefreshingTokenSource};
 use url::Url;
-
-fn env(name: &str) -> Result<String, String> {
-    match std::env::var(name) {
-        Ok(value) if !value.trim().is_empty() => Ok(value.trim().to_owned()),
-        _ => Err(format!("the environment variable {name} is not set")),
-    }
-}
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    match run().await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    common::print_fresh_token(source(), "HIGHQ_REFRESH_TOKEN").await
 }
 
-async fn run() -> Result<(), Box<dyn std::error::Error>> {
-    let base_url = env("HIGHQ_BASE_URL")?;
-    let base_url =
-        Url::parse(&base_url).map_err(|e| format!("HIGHQ_BASE_URL is not a URL: {e}"))?;
-    let client_id = env("HIGHQ_CLIENT_ID")?;
-    let client_secret = env("HIGHQ_CLIENT_SECRET")?;
-    let refresh_token = env("HIGHQ_REFRESH_TOKEN")?;
-    let store_dir = std::env::var("TOKENKEEPER_STORE_DIR").unwrap_or_else(|_| "tokens".into());
-
+fn source() -> Result<RefreshingTokenSource, Box<dyn std::error::Error>> {
+    let base_url = Url::parse(&common::env("HIGHQ_BASE_URL")?)
+        .map_err(|e| format!("HIGHQ_BASE_URL is not a URL: {e}"))?;
+    let credentials = ClientCredentials::new(
+        common::env("HIGHQ_CLIENT_ID")?,
+        common::env("HIGHQ_CLIENT_SECRET")?,
+    );
+    // One file per instance; the store encodes any character of the key.
     let key = format!("highq:{}", base_url.as_str());
-    let source = RefreshingTokenSource::builder(
-        ProviderProfile::highq(base_url),
-        ClientCredentials::new(client_id, client_secret),
+    Ok(
+        RefreshingTokenSource::builder(ProviderProfile::highq(base_url), credentials)
+            .store(common::file_store())
+            .key(key)
+            .initial_refresh_token(common::env("HIGHQ_REFRESH_TOKEN")?)
+            .build()?,
     )
-    .store(FileStore::new(&store_dir))
-    .key(key) // one file per instance; the store encodes any character
-    .initial_refresh_token(refresh_token)
-    .build()?;
-
-    let token = source.access_token().await.map_err(|e| {
-        if e.needs_reauthorization() {
-            format!("{e}\nauthorize the application again and set a new HIGHQ_REFRESH_TOKEN")
-        } else {
-            e.to_string()
-        }
-    })?;
-    // Printing the token is what this tool is for: pipe it into an API call.
-    println!("{}", token.secret());
-    Ok(())
 }
