@@ -39,6 +39,7 @@ pub async fn run(store: &dyn TokenStore, leases: Leases) {
     compare_and_swap_rejects_a_stale_version(store).await;
     keys_are_independent(store).await;
     lease_excludes_a_second_holder(store).await;
+    a_dropped_lease_is_released(store).await;
     concurrent_savers_of_one_version_exactly_one_wins(store).await;
     a_lease_on_another_key_cannot_save(store).await;
     if leases == Leases::Expiring {
@@ -164,6 +165,17 @@ async fn keys_are_independent(store: &dyn TokenStore) {
     }
     assert_eq!(store.load(&a).await.expect("load").expect("a").value, set_a);
     assert_eq!(store.load(&b).await.expect("load").expect("b").value, set_b);
+}
+
+async fn a_dropped_lease_is_released(store: &dyn TokenStore) {
+    let key = unique_key("dropped");
+    // A holder whose future was cancelled drops its lease without releasing it.
+    drop(store.lease(&key, ttl()).await.expect("lease"));
+    let again = tokio::time::timeout(Duration::from_secs(3), store.lease(&key, ttl())).await;
+    assert!(
+        matches!(again, Ok(Ok(_))),
+        "a dropped lease is released long before its ttl runs out"
+    );
 }
 
 async fn lease_excludes_a_second_holder(store: &dyn TokenStore) {

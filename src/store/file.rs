@@ -218,6 +218,10 @@ impl LeaseRelease for FileLock {
     async fn release(self: Box<Self>) -> Result<(), StoreError> {
         Ok(())
     }
+
+    fn releases_on_drop(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

@@ -176,4 +176,8 @@ impl LeaseRelease for MemoryRelease {
         // Dropping releases.
         Ok(())
     }
+
+    fn releases_on_drop(&self) -> bool {
+        true
+    }
 }

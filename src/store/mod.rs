@@ -107,13 +107,21 @@ impl<S: TokenStore + ?Sized> TokenStore for Arc<S> {
 /// Releases a lease when asked; store implementations provide one per lease.
 #[async_trait]
 pub trait LeaseRelease: std::any::Any + fmt::Debug + Send + Sync + 'static {
-    /// Gives the lease back. Dropping a lease without releasing it leaves it to expire
-    /// (or, for process-bound leases, to be released by dropping the guard).
+    /// Gives the lease back. A [`Lease`] dropped without [`Lease::release`] calls this in
+    /// a background task when a tokio runtime is around; otherwise the lease expires (or,
+    /// for process-bound leases, ends when the guard drops).
     async fn release(self: Box<Self>) -> Result<(), StoreError>;
+
+    /// Whether dropping the guard itself releases the lease (an OS lock, an in-memory
+    /// entry): then a dropped [`Lease`] needs no background task. Default: false.
+    fn releases_on_drop(&self) -> bool {
+        false
+    }
 }
 
-/// A held lease on one key. Release it with [`Lease::release`]; dropping it releases what
-/// can be released synchronously and leaves the rest to expire.
+/// A held lease on one key. Release it with [`Lease::release`]; dropping it (a cancelled
+/// future) releases it in the background when a tokio runtime is around, and otherwise
+/// leaves it to expire.
 #[derive(Debug)]
 pub struct Lease {
     fencing: u64,
@@ -162,6 +170,21 @@ impl Lease {
         match self.guard.take() {
             Some(guard) => guard.release().await,
             None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(guard) = self.guard.take()
+            && !guard.releases_on_drop()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move {
+                if let Err(e) = guard.release().await {
+                    tracing::debug!(error = %e, "releasing a dropped lease failed; it will expire");
+                }
+            });
         }
     }
 }

@@ -417,7 +417,6 @@ impl TokenStore for PostgresStore {
                     key: key.to_owned(),
                     owner: owner.clone(),
                     fencing,
-                    released: false,
                 },
             )))
         })
@@ -425,15 +424,13 @@ impl TokenStore for PostgresStore {
     }
 }
 
-/// A held lease row: cleared on [`Lease::release`] or (in the background, when a tokio
-/// runtime is around) on drop; otherwise it expires.
+/// A held lease row, cleared on release; otherwise it expires.
 struct PostgresLease {
     pool: Pool,
     shared: Arc<Shared>,
     key: String,
     owner: String,
     fencing: u64,
-    released: bool,
 }
 
 impl fmt::Debug for PostgresLease {
@@ -445,59 +442,19 @@ impl fmt::Debug for PostgresLease {
     }
 }
 
-impl PostgresLease {
-    async fn clear(
-        pool: Pool,
-        shared: Arc<Shared>,
-        key: String,
-        owner: String,
-        fencing: u64,
-    ) -> Result<(), StoreError> {
-        let client = pool.get().await.map_err(StoreError::unavailable)?;
+#[async_trait]
+impl LeaseRelease for PostgresLease {
+    async fn release(self: Box<Self>) -> Result<(), StoreError> {
+        let client = self.pool.get().await.map_err(StoreError::unavailable)?;
         let statement = client
-            .prepare_cached(&shared.sql.release)
+            .prepare_cached(&self.shared.sql.release)
             .await
             .map_err(StoreError::unavailable)?;
         client
-            .execute(&statement, &[&key, &owner, &to_db(fencing)?])
+            .execute(&statement, &[&self.key, &self.owner, &to_db(self.fencing)?])
             .await
             .map_err(StoreError::unavailable)?;
         Ok(())
-    }
-}
-
-#[async_trait]
-impl LeaseRelease for PostgresLease {
-    async fn release(mut self: Box<Self>) -> Result<(), StoreError> {
-        self.released = true;
-        Self::clear(
-            self.pool.clone(),
-            Arc::clone(&self.shared),
-            self.key.clone(),
-            self.owner.clone(),
-            self.fencing,
-        )
-        .await
-    }
-}
-
-impl Drop for PostgresLease {
-    fn drop(&mut self) {
-        if self.released {
-            return;
-        }
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let clear = Self::clear(
-                self.pool.clone(),
-                Arc::clone(&self.shared),
-                std::mem::take(&mut self.key),
-                std::mem::take(&mut self.owner),
-                self.fencing,
-            );
-            runtime.spawn(async move {
-                let _ = clear.await;
-            });
-        }
     }
 }
 

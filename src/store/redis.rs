@@ -319,7 +319,6 @@ impl TokenStore for RedisStore {
                         scripts: Arc::clone(&self.scripts),
                         lease_key: lease_key.clone(),
                         value: format!("{owner}:{fencing}"),
-                        released: false,
                     },
                 )
             }))
@@ -328,15 +327,13 @@ impl TokenStore for RedisStore {
     }
 }
 
-/// A held Redis lease: released by compare-and-delete, on [`Lease::release`] or (in the
-/// background, when a tokio runtime is around) on drop; otherwise it expires.
+/// A held Redis lease, released by compare-and-delete; otherwise it expires.
 struct RedisLease {
     connection: ConnectionManager,
     scripts: Arc<Scripts>,
     lease_key: String,
     /// `<owner>:<fencing>`.
     value: String,
-    released: bool,
 }
 
 impl fmt::Debug for RedisLease {
@@ -348,53 +345,19 @@ impl fmt::Debug for RedisLease {
     }
 }
 
-impl RedisLease {
-    async fn compare_and_delete(
-        mut connection: ConnectionManager,
-        scripts: &Scripts,
-        lease_key: &str,
-        value: &str,
-    ) -> Result<(), StoreError> {
-        let _deleted: i64 = scripts
+#[async_trait]
+impl LeaseRelease for RedisLease {
+    /// Compare-and-delete: frees the lease only if it is still this one.
+    async fn release(mut self: Box<Self>) -> Result<(), StoreError> {
+        let _deleted: i64 = self
+            .scripts
             .release
-            .key(lease_key)
-            .arg(value)
-            .invoke_async(&mut connection)
+            .key(&self.lease_key)
+            .arg(&self.value)
+            .invoke_async(&mut self.connection)
             .await
             .map_err(StoreError::unavailable)?;
         Ok(())
-    }
-}
-
-#[async_trait]
-impl LeaseRelease for RedisLease {
-    async fn release(mut self: Box<Self>) -> Result<(), StoreError> {
-        self.released = true;
-        Self::compare_and_delete(
-            self.connection.clone(),
-            &self.scripts,
-            &self.lease_key,
-            &self.value,
-        )
-        .await
-    }
-}
-
-impl Drop for RedisLease {
-    fn drop(&mut self) {
-        if self.released {
-            return;
-        }
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let (connection, scripts) = (self.connection.clone(), Arc::clone(&self.scripts));
-            let (lease_key, value) = (
-                std::mem::take(&mut self.lease_key),
-                std::mem::take(&mut self.value),
-            );
-            runtime.spawn(async move {
-                let _ = Self::compare_and_delete(connection, &scripts, &lease_key, &value).await;
-            });
-        }
     }
 }
 
