@@ -302,6 +302,7 @@ pub(crate) fn keep_alive_at(set: &TokenSet) -> Option<OffsetDateTime> {
     let lifetime = (expires - set.obtained_at).max(Duration::ZERO);
     Some(expires - lifetime / KEEP_ALIVE_SHARE)
 }
+
 pub(crate) type Flight = Shared<BoxFuture<'static, Outcome>>;
 
 pub(crate) struct Inner {
@@ -379,13 +380,11 @@ impl Retry {
 
     /// The error to answer while backing off, if an attempt now would be too early.
     fn too_early(&self, now: OffsetDateTime) -> Option<Error> {
-        let not_before = self.not_before?;
-        (now < not_before).then(|| {
-            Error::transient(
-                self.last_kind.unwrap_or(TransientKind::BackingOff),
-                Some((not_before - now).try_into().unwrap_or_default()),
-            )
-        })
+        let wait = self.wait(now).filter(|w| !w.is_zero())?;
+        Some(Error::transient(
+            self.last_kind.unwrap_or(TransientKind::BackingOff),
+            Some(wait),
+        ))
     }
 }
 
