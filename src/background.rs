@@ -1,65 +1,10 @@
-//! Running forever: the background refresher, refresh-token keep-alive, and `status()`
-//! for health checks.
+//! Running forever: the background refresher and refresh-token keep-alive.
 
 use std::sync::{Arc, Weak};
 use std::time::Duration as StdDuration;
 
-use time::{Duration, OffsetDateTime};
-
 use crate::error::Error;
 use crate::refresh::{Inner, Reason, RefreshingTokenSource};
-
-/// Counters since the source was built, for metrics.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Metrics {
-    /// Refresh requests that succeeded (each rotated the tokens).
-    pub refreshes: u64,
-    /// Token sets adopted from the store, refreshed by another task or process: each is
-    /// a refresh request, and a possible refresh-token reuse, avoided.
-    pub adoptions: u64,
-    /// `invalid_grant` answers explained by another writer's rotation and recovered from.
-    pub rotations_adopted: u64,
-    /// Failures that were transient (provider down, rate limited, store busy).
-    pub transient_failures: u64,
-    /// Failures that need a person to re-authorize.
-    pub reauthorizations_required: u64,
-    /// Other failures (rejected client, invalid responses, configuration).
-    pub other_failures: u64,
-    /// Saves of refreshed tokens that failed (and were retried).
-    pub failed_saves: u64,
-}
-
-impl Metrics {
-    pub(crate) fn count_failure(&mut self, e: &Error) {
-        if e.needs_reauthorization() {
-            self.reauthorizations_required += 1;
-        } else if e.is_transient() {
-            self.transient_failures += 1;
-        } else {
-            self.other_failures += 1;
-        }
-    }
-}
-
-/// A health snapshot of one grant.
-#[derive(Clone, Debug)]
-#[non_exhaustive]
-pub struct Status {
-    /// When the cached access token expires (`None`: no token yet, or unknown expiry).
-    pub access_token_expires_at: Option<OffsetDateTime>,
-    /// When the refresh token itself expires, when known.
-    pub refresh_token_expires_at: Option<OffsetDateTime>,
-    /// Time left until a person must re-authorize: zero once the grant is dead, `None`
-    /// when the refresh token's lifetime is unknown.
-    pub reauthorization_in: Option<Duration>,
-    /// When the last successful refresh request was sent.
-    pub last_refresh: Option<OffsetDateTime>,
-    /// The last failure, if any.
-    pub last_error: Option<Error>,
-    /// Counters.
-    pub metrics: Metrics,
-}
 
 /// A running background task of a source. It ends by itself when the source (every
 /// clone) is dropped; [`BackgroundTask::stop`] ends it earlier. Dropping the handle
@@ -95,32 +40,6 @@ enum Duty {
 }
 
 impl RefreshingTokenSource {
-    /// A health snapshot: expiries, time left before re-authorization, last refresh,
-    /// last error, counters.
-    pub fn status(&self) -> Status {
-        let inner = &self.inner;
-        let cached = inner.cache.load_full();
-        let state = inner.state();
-        let refresh_token_expires_at = cached.as_ref().and_then(|c| c.refresh_expires_at);
-        let dead = state
-            .last_error
-            .as_ref()
-            .is_some_and(Error::needs_reauthorization);
-        let reauthorization_in = if dead {
-            Some(Duration::ZERO)
-        } else {
-            refresh_token_expires_at.map(|at| (at - inner.clock.now()).max(Duration::ZERO))
-        };
-        Status {
-            access_token_expires_at: cached.as_ref().and_then(|c| c.expires_at),
-            refresh_token_expires_at,
-            reauthorization_in,
-            last_refresh: state.last_refresh,
-            last_error: state.last_error.clone(),
-            metrics: state.metrics,
-        }
-    }
-
     /// Rotates the refresh token if it nears its own expiry (a fifth of its lifetime
     /// left), even though nobody asked for a token: an idle application never needs
     /// re-consent. [`spawn_keep_alive`](Self::spawn_keep_alive) calls this on schedule.
@@ -179,7 +98,14 @@ async fn run(weak: Weak<Inner>, duty: Duty, jitter: f64) {
         let wait = match outcome {
             Err(e) => {
                 tracing::warn!(key = %source.inner.key, error = %e, "background refresh failed");
-                e.retry_after().unwrap_or(StdDuration::from_secs(60))
+                // A store fault is retried within a second or so; anything else as the
+                // error says, or in a minute.
+                let default = if crate::protocol::is_store_side(&e) {
+                    StdDuration::from_secs(1)
+                } else {
+                    StdDuration::from_secs(60)
+                };
+                e.retry_after().unwrap_or(default)
             }
             Ok(()) => next_wake(&source, duty, jitter),
         };

@@ -13,6 +13,13 @@ use time::{Duration, OffsetDateTime};
 pub trait Clock: Debug + Send + Sync + 'static {
     /// The current time.
     fn now(&self) -> OffsetDateTime;
+
+    /// A monotonic reading, for spacing retries and rate limits: a step of the wall clock
+    /// (NTP, a suspended laptop) never stretches or shortens a wait. Default: tokio's
+    /// clock, which tests can pause.
+    fn monotonic(&self) -> tokio::time::Instant {
+        tokio::time::Instant::now()
+    }
 }
 
 /// The operating system's clock. The default.
@@ -34,9 +41,16 @@ impl Clock for SystemClock {
 /// clock.advance(time::Duration::hours(2));
 /// assert_eq!(clock.now().hour(), 2);
 /// ```
+///
+/// Its [`Clock::monotonic`] reading moves with [`ManualClock::advance`] by a positive
+/// duration and stands still for [`ManualClock::set`] and negative advances: those are
+/// steps of the wall clock.
 #[derive(Clone, Debug)]
 pub struct ManualClock {
     nanos: Arc<AtomicI64>,
+    /// Nanoseconds the monotonic reading has moved since `base`.
+    monotonic_nanos: Arc<AtomicI64>,
+    base: tokio::time::Instant,
 }
 
 impl ManualClock {
@@ -44,6 +58,8 @@ impl ManualClock {
     pub fn new(start: OffsetDateTime) -> Self {
         Self {
             nanos: Arc::new(AtomicI64::new(to_nanos(start))),
+            monotonic_nanos: Arc::new(AtomicI64::new(0)),
+            base: tokio::time::Instant::now(),
         }
     }
 
@@ -52,13 +68,26 @@ impl ManualClock {
         Self::new(OffsetDateTime::now_utc())
     }
 
-    /// Moves the clock forward (or back, with a negative duration).
+    /// Moves the clock forward (or back, with a negative duration: a wall-clock step
+    /// that the monotonic reading ignores).
     pub fn advance(&self, by: Duration) {
-        let by = i64::try_from(by.whole_nanoseconds()).unwrap_or(i64::MAX);
-        self.nanos.fetch_add(by, Ordering::SeqCst);
+        let by = i64::try_from(by.whole_nanoseconds()).unwrap_or(if by.is_negative() {
+            i64::MIN
+        } else {
+            i64::MAX
+        });
+        let add = |cell: &AtomicI64, by: i64| {
+            let _ = cell.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                Some(n.saturating_add(by))
+            });
+        };
+        add(&self.nanos, by);
+        if by > 0 {
+            add(&self.monotonic_nanos, by);
+        }
     }
 
-    /// Sets the clock to `at`.
+    /// Sets the clock to `at`: a wall-clock step that the monotonic reading ignores.
     pub fn set(&self, at: OffsetDateTime) {
         self.nanos.store(to_nanos(at), Ordering::SeqCst);
     }
@@ -67,7 +96,14 @@ impl ManualClock {
 impl Clock for ManualClock {
     fn now(&self) -> OffsetDateTime {
         OffsetDateTime::from_unix_timestamp_nanos(i128::from(self.nanos.load(Ordering::SeqCst)))
-            .expect("a ManualClock stays within i64 nanoseconds of 1970")
+            .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+    }
+
+    fn monotonic(&self) -> tokio::time::Instant {
+        let moved = std::time::Duration::from_nanos(
+            u64::try_from(self.monotonic_nanos.load(Ordering::SeqCst)).unwrap_or(0),
+        );
+        self.base.checked_add(moved).unwrap_or(self.base)
     }
 }
 
@@ -106,8 +142,14 @@ impl<C: Clock + ?Sized> Clock for Arc<C> {
     fn now(&self) -> OffsetDateTime {
         (**self).now()
     }
+
+    fn monotonic(&self) -> tokio::time::Instant {
+        (**self).monotonic()
+    }
 }
 
+/// Nanoseconds since 1970, clamped to what an `i64` holds (years 1677 to 2262).
 fn to_nanos(at: OffsetDateTime) -> i64 {
-    i64::try_from(at.unix_timestamp_nanos()).expect("time within i64 nanoseconds of 1970")
+    let nanos = at.unix_timestamp_nanos();
+    i64::try_from(nanos).unwrap_or(if nanos < 0 { i64::MIN } else { i64::MAX })
 }

@@ -84,9 +84,14 @@ impl Error {
         matches!(self, Error::ReauthorizationRequired { .. })
     }
 
-    /// True when waiting and retrying may succeed.
+    /// True when waiting and retrying may succeed. A store failure is transient unless an
+    /// operator must act (corrupt data, an invalid key, a misconfigured store).
     pub fn is_transient(&self) -> bool {
-        matches!(self, Error::Transient { .. } | Error::Storage(_))
+        match self {
+            Error::Transient { .. } => true,
+            Error::Storage(e) => e.is_transient(),
+            _ => false,
+        }
     }
 
     /// For [`Error::Transient`]: when to try again.
@@ -153,6 +158,10 @@ pub enum TransientKind {
     BackingOff,
     /// Another holder kept the store's lease for too long.
     LeaseBusy,
+    /// Another holder is presenting the refresh token (its write-ahead record is in the
+    /// store) and may still save the rotated one: waiting for it rather than presenting
+    /// a token that may already be used.
+    RotationInFlight,
     /// The connection broke while the response was read.
     Interrupted,
 }
@@ -166,6 +175,9 @@ impl fmt::Display for TransientKind {
             Self::RateLimited => f.write_str("rate limited by the token endpoint"),
             Self::BackingOff => f.write_str("backing off after an earlier failure"),
             Self::LeaseBusy => f.write_str("the store's refresh lease is busy"),
+            Self::RotationInFlight => {
+                f.write_str("another holder is rotating the refresh token; waiting for it")
+            }
             Self::Interrupted => f.write_str("connection interrupted"),
         }
     }

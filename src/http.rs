@@ -10,9 +10,9 @@ use time::OffsetDateTime;
 
 use crate::error::{Error, ProviderError, TransientKind};
 use crate::provider::{
-    BodyEncoding, ClientAuth, ProviderProfile, TokenResponse, parse_error_response,
-    parse_token_response,
+    BodyEncoding, ClientAuth, ProviderProfile, TokenResponse, parse_token_response,
 };
+use crate::provider::{parse_error_untruncated, truncate_error};
 use crate::secret::{ClientCredentials, RefreshToken};
 
 /// A client for one provider's token endpoint.
@@ -38,10 +38,15 @@ impl TokenEndpoint {
         credentials: ClientCredentials,
     ) -> Result<Self, Error> {
         profile.validate()?;
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(profile.connect_timeout)
-            .timeout(profile.request_timeout)
+            .timeout(profile.request_timeout);
+        if profile.token_url_is_loopback() {
+            // A proxy from HTTP_PROXY cannot reach this machine's loopback.
+            builder = builder.no_proxy();
+        }
+        let client = builder
             .build()
             .map_err(|e| Error::Config(format!("cannot build the HTTP client: {e}")))?;
         Ok(Self {
@@ -147,7 +152,7 @@ impl TokenEndpoint {
             return match parse_token_response(profile, content_type, body) {
                 Ok(response) => Ok(response),
                 // Some servers answer 200 with an OAuth error body: classify it as one.
-                Err(e) => match parse_error_response(content_type, body) {
+                Err(e) => match parse_error_untruncated(content_type, body) {
                     Some(provider) => {
                         Err(self.classify_error(status, Some(provider), refresh_token, None))
                     }
@@ -178,7 +183,7 @@ impl TokenEndpoint {
                 ),
             }));
         }
-        let provider = parse_error_response(content_type, body);
+        let provider = parse_error_untruncated(content_type, body);
         Err(self.classify_error(status, provider, refresh_token, retry_after))
     }
 
@@ -232,21 +237,46 @@ impl TokenEndpoint {
         })
     }
 
-    /// Removes any token or secret a provider echoed into its error description.
+    /// Removes any token or secret a provider echoed into its error text (as sent, or
+    /// percent-encoded), then cuts the text to length: scrubbing first, so that a secret
+    /// cut at the boundary cannot survive.
     fn scrub(&self, mut error: ProviderError, refresh_token: &RefreshToken) -> ProviderError {
-        let mut secrets = vec![refresh_token.secret()];
+        let mut secrets = vec![refresh_token.secret().to_owned()];
         if let Some(s) = self.credentials.secret() {
-            secrets.push(s.secret());
+            secrets.push(s.secret().to_owned());
         }
+        let encoded: Vec<String> = secrets
+            .iter()
+            .flat_map(|s| {
+                [
+                    url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>(),
+                    percent_encode_all(s),
+                ]
+            })
+            .collect();
+        secrets.extend(encoded);
         for text in std::iter::once(&mut error.code).chain(error.description.as_mut()) {
             for secret in secrets.iter().filter(|s| s.len() >= 4) {
-                if text.contains(secret) {
-                    *text = text.replace(secret, "[redacted]");
+                if text.contains(secret.as_str()) {
+                    *text = text.replace(secret.as_str(), "[redacted]");
                 }
             }
         }
-        error
+        truncate_error(error)
     }
+}
+
+/// Every non-alphanumeric byte as `%XX` (how some servers echo a parameter).
+fn percent_encode_all(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() {
+                char::from(b).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
 }
 
 fn transport_error(e: reqwest::Error, default: TransientKind) -> Error {

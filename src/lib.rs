@@ -64,26 +64,33 @@ mod background;
 mod clock;
 mod error;
 mod http;
+mod lease;
 #[cfg(feature = "middleware")]
 pub mod middleware;
+mod protocol;
 pub mod provider;
 mod refresh;
+mod retry;
 mod secret;
 mod source;
+mod status;
 pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod token;
 
-pub use background::{BackgroundTask, Metrics, Status};
+pub use background::BackgroundTask;
 pub use clock::{Clock, ManualClock, SystemClock, TokioClock};
 pub use error::{Error, ProviderError, ReauthorizationReason, TransientKind};
 pub use provider::ProviderProfile;
 pub use refresh::{Builder, RefreshingTokenSource};
 pub use secret::{AccessToken, ClientCredentials, ClientSecret, RefreshToken};
 pub use source::TokenSource;
+pub use status::{Metrics, Status};
 pub use store::{FileStore, MemoryStore, TokenStore, Versioned};
-pub use token::{DEFAULT_LEEWAY, ExpiryFields, Freshness, TokenSet, absolute_expiry};
+pub use token::{
+    DEFAULT_LEEWAY, ExpiryFields, Freshness, RotationInFlight, TokenSet, absolute_expiry,
+};
 
 /// A serde_json error described by kind and position only: its own message may quote
 /// the input, which can hold a token.

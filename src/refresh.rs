@@ -1,40 +1,37 @@
-//! [`RefreshingTokenSource`]: the cache, the single flight, and the refresh protocol of
-//! design.md.
+//! [`RefreshingTokenSource`]: the cache, the hot path, and the single flight that drives
+//! the refresh protocol of [`crate::protocol`].
 //!
-//! The hot path ([`TokenSource::access_token`]) is one lock-free `ArcSwap` load, one clock
-//! read and one reference-count increment. Everything else happens in [`Inner::refresh`],
-//! which runs in a spawned task (never in a caller's future, so a cancelled caller cannot
-//! lose a rotated refresh token) and follows the protocol step by step:
+//! The hot path ([`RefreshingTokenSource::access_token`]) is one lock-free `ArcSwap` load,
+//! one clock read and one reference-count increment. Everything else runs in one spawned
+//! task per key at a time (the *flight*), never in a caller's future, so that a cancelled
+//! caller cannot lose a rotated refresh token; every waiter shares its outcome.
 //!
-//! 1. take the store's lease for the key;
-//! 2. reload the token set; adopt it if it is fresh (another process refreshed);
-//! 3. present the refresh token read under the lease, if the lease outlasts the request;
-//! 4. merge, compute absolute expiries, save with compare-and-swap, publish;
-//! 5. if that save fails, publish anyway and keep retrying the save in the background;
-//! 6. on `invalid_grant`, reload and adopt a rotated token before declaring
-//!    re-authorization required (and mark the dead set in the store);
-//! 7. on transient failures keep every token, serve stale tokens until they expire, and
-//!    space attempts with jittered exponential backoff honouring `Retry-After`.
+//! Before a flight starts, [`Inner::gate`] decides what it may do: refresh, only look at
+//! the store (during a provider backoff, or for a grant known to be dead), or nothing
+//! (answer the backoff or the dead grant's error at once).
 
 use std::fmt;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration as StdDuration;
 
 use arc_swap::ArcSwapOption;
 use async_trait::async_trait;
-use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 use time::{Duration, OffsetDateTime};
+use tokio::time::Instant;
 
-use crate::background::Metrics;
 use crate::clock::{Clock, SystemClock};
-use crate::error::{Error, ReauthorizationReason, TransientKind};
-use crate::http::{RefreshFailure, TokenEndpoint};
-use crate::provider::{ProviderProfile, TokenResponse};
+use crate::error::{Error, TransientKind};
+use crate::http::TokenEndpoint;
+use crate::lease::{HeldLease, bounded};
+use crate::provider::ProviderProfile;
+use crate::retry::{Backoff, StoreSpacing};
 use crate::secret::{AccessToken, ClientCredentials, RefreshToken};
 use crate::source::TokenSource;
-use crate::store::{Lease, MemoryStore, StoreError, TokenStore, Versioned};
-use crate::token::{DEFAULT_LEEWAY, Freshness, TokenSet, absolute_expiry};
+use crate::status::Metrics;
+use crate::store::{MemoryStore, TokenStore};
+use crate::token::{DEFAULT_LEEWAY, Freshness, TokenSet};
 
 /// A [`TokenSource`] that refreshes through a provider's token endpoint, exactly once per
 /// expiry across every task, process and machine that shares its [`TokenStore`].
@@ -84,7 +81,19 @@ pub struct Builder {
     leeway: Duration,
     clock: Arc<dyn Clock>,
     lease_ttl: Option<StdDuration>,
+    store_timeout: StdDuration,
+    takeover_after: StdDuration,
+    forced_refresh_interval: StdDuration,
 }
+
+/// The longest lease ttl accepted.
+const MAX_LEASE_TTL: StdDuration = StdDuration::from_secs(24 * 3600);
+/// The default bound on one store call.
+const DEFAULT_STORE_TIMEOUT: StdDuration = StdDuration::from_secs(10);
+/// The default wait before taking over a rotation another holder left in flight.
+const DEFAULT_TAKEOVER_AFTER: StdDuration = StdDuration::from_secs(300);
+/// The default shortest spacing of refreshes forced by [`TokenSource::invalidate`].
+const DEFAULT_FORCED_REFRESH_INTERVAL: StdDuration = StdDuration::from_secs(30);
 
 impl Builder {
     /// Where token sets live. Default: a new [`MemoryStore`].
@@ -105,8 +114,9 @@ impl Builder {
         self
     }
 
-    /// The refresh token from the one-time consent. Used only when the store holds nothing
-    /// for the key; it is then saved before it is presented.
+    /// The refresh token from the one-time consent. Used only when the store holds
+    /// nothing for the key and this source has never seen anything there; it is then
+    /// saved before it is presented.
     pub fn initial_refresh_token(mut self, token: impl Into<String>) -> Self {
         self.initial_refresh_token = Some(RefreshToken::new(token));
         self
@@ -125,36 +135,99 @@ impl Builder {
         self
     }
 
-    /// How long a refresh may hold the store's lease. Default: the profile's request and
-    /// connect timeouts plus 30 s.
+    /// How long the store's lease lasts between renewals. The lease is renewed every
+    /// third of it while a refresh runs, so it only matters when a holder dies or is cut
+    /// off from the store: then the others wait this long. Must exceed the profile's
+    /// request timeout (a store that cannot renew relies on it alone). Default: the
+    /// profile's request and connect timeouts plus 30 s.
     pub fn lease_ttl(mut self, ttl: StdDuration) -> Self {
         self.lease_ttl = Some(ttl);
         self
     }
 
-    /// Builds the source. Fails on an invalid profile (such as an `http` URL to a
-    /// non-loopback host).
+    /// How long one store call may take before it counts as failed (with an unknown
+    /// outcome, like a cut connection). A lease wait may take up to the lease ttl on top.
+    /// Default 10 s.
+    pub fn store_timeout(mut self, timeout: StdDuration) -> Self {
+        self.store_timeout = timeout;
+        self
+    }
+
+    /// How long to wait for another holder that started a refresh (its write-ahead
+    /// record is in the store) and then lost its lease, before presenting the refresh
+    /// token anyway. That holder may be alive, cut off from the store, with the rotated
+    /// token in memory: presenting the token it used would make a provider with reuse
+    /// detection revoke the grant. It may also have died, and then waiting longer only
+    /// delays recovery. Applies to stores whose leases expire (Memory, Redis,
+    /// PostgreSQL); a released file lock means its holder died. Default 5 minutes.
+    pub fn abandoned_rotation_after(mut self, wait: StdDuration) -> Self {
+        self.takeover_after = wait;
+        self
+    }
+
+    /// The shortest spacing of refreshes forced by [`TokenSource::invalidate`] (an API
+    /// answering 401, or HighQ's 403, which also means "permission denied"). Within it, a
+    /// rejected token that is still the newest in the store is served again rather than
+    /// refreshed again. Default 30 s.
+    pub fn forced_refresh_interval(mut self, interval: StdDuration) -> Self {
+        self.forced_refresh_interval = interval;
+        self
+    }
+
+    /// Builds the source. Fails with [`Error::Config`] on an invalid profile (such as an
+    /// `http` URL to a non-loopback host, or a header that is not valid HTTP), a key the
+    /// store cannot hold, or a lease ttl that does not outlast the request timeout.
     pub fn build(self) -> Result<RefreshingTokenSource, Error> {
+        let store = self.store.unwrap_or_else(|| Arc::new(MemoryStore::new()));
         if self.key.is_empty() {
             return Err(Error::Config("the store key must not be empty".into()));
         }
+        store
+            .check_key(&self.key)
+            .map_err(|e| Error::Config(format!("the store cannot hold this key: {e}")))?;
+        let profile = &self.profile;
         let lease_ttl = self.lease_ttl.unwrap_or(
-            self.profile.request_timeout
-                + self.profile.connect_timeout
-                + StdDuration::from_secs(30),
+            profile
+                .request_timeout
+                .saturating_add(profile.connect_timeout)
+                .saturating_add(StdDuration::from_secs(30)),
         );
+        if lease_ttl <= profile.request_timeout {
+            return Err(Error::Config(format!(
+                "the lease ttl ({lease_ttl:?}) must exceed the request timeout ({:?}): \
+                 a refresh is never started on a lease that could expire before its answer",
+                profile.request_timeout
+            )));
+        }
+        if lease_ttl > MAX_LEASE_TTL {
+            return Err(Error::Config(format!(
+                "the lease ttl ({lease_ttl:?}) is longer than a day: a dead holder would block every other one that long"
+            )));
+        }
+        if self.store_timeout.is_zero() || self.store_timeout > MAX_LEASE_TTL {
+            return Err(Error::Config(format!(
+                "the store timeout ({:?}) must be between zero and a day",
+                self.store_timeout
+            )));
+        }
         let endpoint = TokenEndpoint::new(self.profile, self.credentials)?;
         Ok(RefreshingTokenSource {
             inner: Arc::new(Inner {
                 endpoint,
-                store: self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),
+                store,
                 key: self.key,
+                id: format!("{:032x}", fastrand::u128(..)),
                 initial_refresh_token: self.initial_refresh_token,
                 leeway: self.leeway,
                 clock: self.clock,
-                lease_ttl,
+                timing: Timing {
+                    lease_ttl,
+                    store_timeout: self.store_timeout,
+                    takeover_after: self.takeover_after,
+                    forced_refresh_interval: self.forced_refresh_interval,
+                },
                 cache: ArcSwapOption::empty(),
-                flight: Mutex::new(None),
+                flight: Mutex::new(FlightSlot::default()),
                 state: Mutex::new(State::default()),
             }),
         })
@@ -173,11 +246,15 @@ impl RefreshingTokenSource {
             leeway: DEFAULT_LEEWAY,
             clock: Arc::new(SystemClock),
             lease_ttl: None,
+            store_timeout: DEFAULT_STORE_TIMEOUT,
+            takeover_after: DEFAULT_TAKEOVER_AFTER,
+            forced_refresh_interval: DEFAULT_FORCED_REFRESH_INTERVAL,
         }
     }
 
     /// Replaces the stored grant with `refresh_token` (after a person consented again):
-    /// saved under the lease, whatever the store held, and used at the next refresh.
+    /// saved under the lease, whatever the store held, and used at the next refresh. A
+    /// rotated set this source still failed to save is superseded by it.
     pub async fn import_refresh_token(
         &self,
         refresh_token: impl Into<String>,
@@ -185,18 +262,26 @@ impl RefreshingTokenSource {
         let inner = &self.inner;
         let seed =
             TokenSet::from_refresh_token(RefreshToken::new(refresh_token), inner.clock.now());
-        let lease = inner.store.lease(&inner.key, inner.lease_ttl).await?;
+        let held = inner.acquire().await?;
         let result = async {
-            let version = inner.store.load(&inner.key).await?.map(|v| v.version);
-            inner.store.save(&inner.key, &seed, version, &lease).await
+            let version = held
+                .op(inner.store.load(&inner.key))
+                .await?
+                .map(|v| v.version);
+            held.op(inner.store.save(&inner.key, &seed, version, held.lease()))
+                .await
         }
         .await;
-        release(lease).await;
+        held.release().await;
         result?;
         inner.cache.store(None);
         let mut state = inner.state();
         state.unsaved = None;
-        state.retry = Retry::default();
+        state.backoff.succeeded();
+        state.store_spacing.succeeded();
+        state.dead = None;
+        state.rejected_access = None;
+        state.last_known = Some(seed);
         Ok(())
     }
 
@@ -226,16 +311,19 @@ impl RefreshingTokenSource {
                 Freshness::Fresh => return Ok(cached.token.clone()),
                 Freshness::Stale => {
                     // Served at once; one detached refresh runs meanwhile.
-                    self.inner.start_refresh(now);
+                    self.inner.start_refresh();
                     return Ok(cached.token.clone());
                 }
                 Freshness::Expired => {}
             }
         }
-        self.inner.wait_for_refresh().await
+        self.inner.wait_for_token().await
     }
 
     /// Forgets `rejected` if it is still the current token: see [`TokenSource::invalidate`].
+    /// The next call reloads the store first (another replica may have refreshed), and
+    /// refreshes only if the store holds nothing newer and no forced refresh ran within
+    /// [`Builder::forced_refresh_interval`].
     pub fn invalidate(&self, rejected: &AccessToken) {
         let inner = &self.inner;
         let current = inner.cache.load_full();
@@ -272,7 +360,7 @@ pub(crate) struct Cached {
 
 impl Cached {
     #[inline]
-    fn freshness(&self, now: OffsetDateTime) -> Freshness {
+    pub(crate) fn freshness(&self, now: OffsetDateTime) -> Freshness {
         match (self.stale_at, self.expires_at) {
             (_, Some(expires_at)) if now >= expires_at => Freshness::Expired,
             (Some(stale_at), _) if now >= stale_at => Freshness::Stale,
@@ -281,7 +369,7 @@ impl Cached {
     }
 }
 
-type Outcome = Result<AccessToken, Error>;
+pub(crate) type Outcome = Result<AccessToken, Error>;
 
 /// Why a refresh runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -292,6 +380,19 @@ pub(crate) enum Reason {
     KeepAlive,
 }
 
+/// What a flight does.
+#[derive(Debug)]
+pub(crate) enum Job {
+    /// Adopt a fresh stored set, or refresh under the lease.
+    Refresh(Reason),
+    /// Only read the store (no lease, no request): adopt a fresh set another process
+    /// saved, or pick up a re-imported grant; otherwise answer `fallback`.
+    Look {
+        /// The backoff's or the dead grant's error.
+        fallback: Error,
+    },
+}
+
 /// The refresh token is rotated once this share of its lifetime is left.
 const KEEP_ALIVE_SHARE: i32 = 5;
 
@@ -300,24 +401,59 @@ const KEEP_ALIVE_SHARE: i32 = 5;
 pub(crate) fn keep_alive_at(set: &TokenSet) -> Option<OffsetDateTime> {
     let expires = set.refresh_expires_at?;
     let lifetime = (expires - set.obtained_at).max(Duration::ZERO);
-    Some(expires - lifetime / KEEP_ALIVE_SHARE)
+    expires.checked_sub(lifetime / KEEP_ALIVE_SHARE)
 }
 
-pub(crate) type Flight = Shared<BoxFuture<'static, Outcome>>;
+type Flight = Shared<BoxFuture<'static, Outcome>>;
+
+/// The one flight in progress, numbered so that only its own task clears it.
+#[derive(Default)]
+struct FlightSlot {
+    current: Option<(u64, Flight)>,
+    serial: u64,
+}
+
+/// Timeouts and intervals, fixed at build.
+#[derive(Debug)]
+pub(crate) struct Timing {
+    pub(crate) lease_ttl: StdDuration,
+    pub(crate) store_timeout: StdDuration,
+    pub(crate) takeover_after: StdDuration,
+    pub(crate) forced_refresh_interval: StdDuration,
+}
 
 pub(crate) struct Inner {
     pub(crate) endpoint: TokenEndpoint,
     pub(crate) store: Arc<dyn TokenStore>,
     pub(crate) key: String,
-    initial_refresh_token: Option<RefreshToken>,
+    /// Marks this source's write-ahead records in the store.
+    pub(crate) id: String,
+    pub(crate) initial_refresh_token: Option<RefreshToken>,
     pub(crate) leeway: Duration,
     pub(crate) clock: Arc<dyn Clock>,
-    lease_ttl: StdDuration,
+    pub(crate) timing: Timing,
     /// The published access token: the hot path reads only this.
     pub(crate) cache: ArcSwapOption<Cached>,
-    /// The one refresh in flight, shared by every waiter.
-    flight: Mutex<Option<Flight>>,
+    flight: Mutex<FlightSlot>,
     state: Mutex<State>,
+}
+
+/// A rotated token set whose save has not (knowingly) succeeded: the newest refresh token
+/// may exist only here.
+#[derive(Clone, Debug)]
+pub(crate) struct Unsaved {
+    pub(crate) set: TokenSet,
+    /// The stored version its save expected: it may only be written over that version.
+    pub(crate) expected: Option<u64>,
+}
+
+/// A grant found dead: answered at once, and the store re-checked now and then.
+#[derive(Clone, Debug)]
+pub(crate) struct Dead {
+    pub(crate) error: Error,
+    /// The refresh token found dead, if any: the same token stored again is no re-import.
+    pub(crate) refresh_token: Option<RefreshToken>,
+    pub(crate) checked_at: Instant,
 }
 
 #[derive(Default)]
@@ -326,87 +462,40 @@ pub(crate) struct State {
     pub(crate) metrics: Metrics,
     pub(crate) last_refresh: Option<OffsetDateTime>,
     pub(crate) last_error: Option<Error>,
-    /// Spacing of attempts after failures (step 7).
-    retry: Retry,
-    /// A token set the provider issued whose save failed (step 5): the newest refresh
-    /// token exists only here until a save succeeds.
-    unsaved: Option<TokenSet>,
-    /// An access token the API rejected: never adopted again from the store.
-    rejected_access: Option<AccessToken>,
+    /// Spacing of attempts after provider failures.
+    pub(crate) backoff: Backoff,
+    /// Spacing of attempts after store failures.
+    pub(crate) store_spacing: StoreSpacing,
+    /// A rotated set not yet saved.
+    pub(crate) unsaved: Option<Unsaved>,
+    /// True while a task retries saving `unsaved` (it holds, or re-takes, the lease).
+    pub(crate) persisting: bool,
+    /// An access token the API rejected (see [`RefreshingTokenSource::invalidate`]).
+    pub(crate) rejected_access: Option<AccessToken>,
+    /// When a refresh forced by a rejection was last sent.
+    pub(crate) last_forced_refresh: Option<Instant>,
+    /// The grant is dead until the store shows a new one.
+    pub(crate) dead: Option<Dead>,
+    /// The newest set this source has seen stored or saved: evidence that the key existed,
+    /// and what to restore if the store loses it.
+    pub(crate) last_known: Option<TokenSet>,
+    /// When the store was last read without the lease.
+    pub(crate) last_look: Option<Instant>,
+    /// Another holder's write-ahead record, and when this source first saw it.
+    pub(crate) foreign_rotation: Option<(String, Instant)>,
 }
 
-#[derive(Default)]
-struct Retry {
-    backoff: Option<ExponentialBackoff>,
-    not_before: Option<OffsetDateTime>,
-    last_kind: Option<TransientKind>,
-}
+/// How often a grant known to be dead is looked up again (a re-import by another process).
+pub(crate) const DEAD_RECHECK: StdDuration = StdDuration::from_secs(10);
+/// How often a caller with an expired token may make the source read the store while it
+/// backs off from the provider.
+pub(crate) const LOOK_INTERVAL: StdDuration = StdDuration::from_secs(1);
 
-impl Retry {
-    /// Records a failure. The next attempt waits a full-jitter step (anywhere between
-    /// [`MIN_RETRY`] and the exponential cap), no later than `valid_until` (a still-valid
-    /// token gets one more try before it dies), and never less than the provider's
-    /// `retry_after`.
-    fn failed(&mut self, now: OffsetDateTime, error: &Error, valid_until: Option<OffsetDateTime>) {
-        let cap = self
-            .backoff
-            .get_or_insert_with(backoff)
-            .next()
-            .unwrap_or(MAX_RETRY);
-        let mut step = MIN_RETRY + cap.saturating_sub(MIN_RETRY).mul_f64(fastrand::f64());
-        if let Some(left) = valid_until
-            .map(|until| until - now)
-            .and_then(|left| StdDuration::try_from(left).ok())
-        {
-            step = step.min(left.max(MIN_RETRY));
-        }
-        let wait = error.retry_after().map_or(step, |r| r.max(step));
-        self.not_before = Some(now + wait);
-        self.last_kind = Some(match error {
-            Error::Transient { kind, .. } => *kind,
-            _ => TransientKind::BackingOff,
-        });
-    }
-
-    /// How long until the next attempt is allowed.
-    fn wait(&self, now: OffsetDateTime) -> Option<StdDuration> {
-        self.not_before
-            .map(|at| (at - now).try_into().unwrap_or_default())
-    }
-
-    fn succeeded(&mut self) {
-        *self = Retry::default();
-    }
-
-    /// The error to answer while backing off, if an attempt now would be too early.
-    fn too_early(&self, now: OffsetDateTime) -> Option<Error> {
-        let wait = self.wait(now).filter(|w| !w.is_zero())?;
-        Some(Error::transient(
-            self.last_kind.unwrap_or(TransientKind::BackingOff),
-            Some(wait),
-        ))
-    }
-}
-
-/// The shortest spacing of attempts: at most one request per second, whatever callers do.
-const MIN_RETRY: StdDuration = StdDuration::from_secs(1);
-/// The longest backoff step.
-const MAX_RETRY: StdDuration = StdDuration::from_secs(600);
-
-/// The exponential caps: 1 s doubling to 10 minutes (jitter is applied by the user).
-fn backoff() -> ExponentialBackoff {
-    ExponentialBuilder::default()
-        .with_min_delay(MIN_RETRY)
-        .with_max_delay(MAX_RETRY)
-        .with_factor(2.0)
-        .without_max_times()
-        .build()
-}
-
-async fn release(lease: Lease) {
-    if let Err(e) = lease.release().await {
-        tracing::warn!(error = %e, "could not release the store lease; it will expire");
-    }
+/// What a new flight may do.
+enum Gate {
+    Go,
+    Look(Error),
+    Refuse(Error),
 }
 
 impl Inner {
@@ -414,117 +503,238 @@ impl Inner {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub(crate) fn flight(&self) -> MutexGuard<'_, Option<Flight>> {
+    fn flight(&self) -> MutexGuard<'_, FlightSlot> {
         self.flight.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Stale token: start one detached refresh unless one runs or we are backing off.
-    fn start_refresh(self: &Arc<Self>, now: OffsetDateTime) {
-        let mut flight = self.flight();
-        if flight.is_none() && self.state().retry.too_early(now).is_none() {
-            *flight = Some(self.spawn_refresh(Reason::AccessToken));
+    pub(crate) fn now(&self) -> Instant {
+        self.clock.monotonic()
+    }
+
+    /// Takes the store lease for this key, bounded by the timeouts.
+    pub(crate) async fn acquire(&self) -> Result<HeldLease, Error> {
+        HeldLease::acquire(
+            &self.store,
+            &self.key,
+            self.timing.lease_ttl,
+            self.timing.store_timeout,
+        )
+        .await
+        .map_err(crate::protocol::lease_error)
+    }
+
+    /// One store call without the lease, bounded by the store timeout.
+    pub(crate) async fn unleased<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, crate::store::StoreError>>,
+    ) -> Result<T, Error> {
+        bounded(self.timing.store_timeout, call)
+            .await
+            .map_err(Error::Storage)
+    }
+
+    /// What a flight started now may do.
+    fn gate(&self, reason: Reason) -> Gate {
+        let now = self.now();
+        let state = self.state();
+        if let Some(dead) = &state.dead {
+            return if now.saturating_duration_since(dead.checked_at) < DEAD_RECHECK {
+                Gate::Refuse(dead.error.clone())
+            } else {
+                Gate::Look(dead.error.clone())
+            };
+        }
+        if state.persisting {
+            return Gate::Refuse(state.store_spacing.too_early(now).unwrap_or_else(|| {
+                Error::transient(TransientKind::LeaseBusy, Some(StdDuration::from_secs(1)))
+            }));
+        }
+        if let Some(e) = state.store_spacing.too_early(now) {
+            return Gate::Refuse(e);
+        }
+        if let Some(e) = state.backoff.too_early(now) {
+            let looked_recently = state
+                .last_look
+                .is_some_and(|at| now.saturating_duration_since(at) < LOOK_INTERVAL);
+            return if reason == Reason::AccessToken && !looked_recently {
+                Gate::Look(e)
+            } else {
+                Gate::Refuse(e)
+            };
+        }
+        Gate::Go
+    }
+
+    /// Stale token: start one detached refresh unless one runs or attempts are spaced.
+    fn start_refresh(self: &Arc<Self>) {
+        let mut slot = self.flight();
+        if slot.current.is_none()
+            && let Gate::Go = self.gate(Reason::AccessToken)
+        {
+            let _started = self.spawn_job(&mut slot, Job::Refresh(Reason::AccessToken));
         }
     }
 
-    /// Expired or missing token: join the refresh in flight, or start one.
-    async fn wait_for_refresh(self: &Arc<Self>) -> Outcome {
+    /// Expired or missing token: join the flight, or start one.
+    async fn wait_for_token(self: &Arc<Self>) -> Outcome {
         let flight = {
-            let mut flight = self.flight();
-            // Re-check under the gate: a refresh may have just published.
+            let mut slot = self.flight();
+            // Re-check under the gate: a flight may have just published.
             if let Some(cached) = &*self.cache.load()
                 && cached.freshness(self.clock.now()) != Freshness::Expired
             {
                 return Ok(cached.token.clone());
             }
-            match &*flight {
-                Some(running) => running.clone(),
-                None => {
-                    if let Some(e) = self.state().retry.too_early(self.clock.now()) {
-                        return Err(e);
-                    }
-                    let running = self.spawn_refresh(Reason::AccessToken);
-                    *flight = Some(running.clone());
-                    running
-                }
+            match &slot.current {
+                Some((_, running)) => running.clone(),
+                None => match self.gate(Reason::AccessToken) {
+                    Gate::Go => self.spawn_job(&mut slot, Job::Refresh(Reason::AccessToken)),
+                    Gate::Look(fallback) => self.spawn_job(&mut slot, Job::Look { fallback }),
+                    Gate::Refuse(e) => return self.or_valid_token(e),
+                },
             }
         };
-        match flight.await {
-            // A token that is still valid serves callers while a refresh fails transiently.
-            Err(e) if e.is_transient() => match &*self.cache.load() {
-                Some(cached) if cached.freshness(self.clock.now()) != Freshness::Expired => {
-                    Ok(cached.token.clone())
-                }
-                _ => Err(e),
-            },
-            outcome => outcome,
+        flight.await.or_else(|e| self.or_valid_token(e))
+    }
+
+    /// A token that is still valid serves callers while attempts fail for a while.
+    fn or_valid_token(&self, e: Error) -> Outcome {
+        if e.needs_reauthorization() {
+            return Err(e);
+        }
+        match &*self.cache.load() {
+            Some(cached) if cached.freshness(self.clock.now()) != Freshness::Expired => {
+                Ok(cached.token.clone())
+            }
+            _ => Err(e),
         }
     }
 
-    /// Joins the refresh in flight or starts one, whatever the cache holds (background
-    /// refresher, keep-alive). Respects the backoff.
+    /// Joins the flight or starts one, whatever the cache holds (background refresher,
+    /// keep-alive). Respects the gate.
     pub(crate) async fn refresh_now(self: &Arc<Self>, reason: Reason) -> Outcome {
         let flight = {
-            let mut flight = self.flight();
-            match &*flight {
-                Some(running) => running.clone(),
-                None => {
-                    if let Some(e) = self.state().retry.too_early(self.clock.now()) {
-                        return Err(e);
-                    }
-                    let running = self.spawn_refresh(reason);
-                    *flight = Some(running.clone());
-                    running
-                }
+            let mut slot = self.flight();
+            match &slot.current {
+                Some((_, running)) => running.clone(),
+                None => match self.gate(reason) {
+                    Gate::Go => self.spawn_job(&mut slot, Job::Refresh(reason)),
+                    Gate::Look(fallback) => self.spawn_job(&mut slot, Job::Look { fallback }),
+                    Gate::Refuse(e) => return Err(e),
+                },
             }
         };
         flight.await
     }
 
-    /// Spawns the refresh task. The caller holds the flight gate.
-    pub(crate) fn spawn_refresh(self: &Arc<Self>, reason: Reason) -> Flight {
+    /// Spawns a flight. The caller holds the flight slot.
+    fn spawn_job(self: &Arc<Self>, slot: &mut FlightSlot, job: Job) -> Flight {
+        slot.serial = slot.serial.wrapping_add(1);
+        let serial = slot.serial;
+        let (tx, rx) = tokio::sync::oneshot::channel();
         let inner = Arc::clone(self);
-        let task = tokio::spawn(async move {
-            let mut outcome = inner.refresh(reason).await;
-            let now = inner.clock.now();
-            {
-                let mut state = inner.state();
-                if let Err(e) = &outcome {
-                    state.metrics.count_failure(e);
-                    state.last_error = Some(e.clone());
-                }
-                match &mut outcome {
-                    Ok(_) => state.retry.succeeded(),
-                    Err(e) if e.needs_reauthorization() => {}
-                    Err(e) => {
-                        let valid_until = inner.cache.load().as_ref().and_then(|c| c.expires_at);
-                        state.retry.failed(now, e, valid_until);
-                        // Tell waiters when the next attempt will be allowed.
-                        if let Error::Transient { retry_after, .. } = e {
-                            *retry_after = state.retry.wait(now);
-                        }
-                    }
-                }
-            }
-            // Cleared before waiters see the outcome: a caller that finds no flight also
-            // finds the published token or the backoff.
-            *inner.flight() = None;
-            outcome
+        tokio::spawn(async move {
+            // Clears the slot whatever happens to this task (a panic, an abort).
+            let _clear = ClearFlight {
+                inner: Arc::clone(&inner),
+                serial,
+            };
+            inner.fly(job, serial, tx).await;
         });
-        async move {
-            task.await.unwrap_or_else(|e| {
-                Err(Error::Transient {
-                    kind: TransientKind::Interrupted,
-                    retry_after: None,
-                    source: Some(Arc::new(e)),
-                })
-            })
+        let flight = async move {
+            rx.await
+                .unwrap_or_else(|_| Err(Error::transient(TransientKind::Interrupted, None)))
         }
         .boxed()
-        .shared()
+        .shared();
+        slot.current = Some((serial, flight.clone()));
+        flight
+    }
+
+    /// The flight's task: runs the job (a panic anywhere in it becomes an error), settles
+    /// the state, clears the slot, answers the waiters, and then, if a rotated set is
+    /// still unsaved, keeps the key locked and retries the save.
+    async fn fly(
+        self: &Arc<Self>,
+        job: Job,
+        serial: u64,
+        tx: tokio::sync::oneshot::Sender<Outcome>,
+    ) {
+        let (outcome, held) = match AssertUnwindSafe(self.run(job)).catch_unwind().await {
+            Ok(done) => done,
+            Err(panic) => (Err(panicked(panic.as_ref())), None),
+        };
+        let outcome = self.settle(outcome);
+        let persist = {
+            let mut state = self.state();
+            let persist = state.unsaved.is_some() && !state.persisting;
+            state.persisting |= persist;
+            persist
+        };
+        // Cleared before waiters see the outcome: a caller that finds no flight also
+        // finds the published token, the backoff, or the persisting save.
+        self.clear_flight(serial);
+        let _ = tx.send(outcome);
+        if persist {
+            if AssertUnwindSafe(self.persist(held))
+                .catch_unwind()
+                .await
+                .is_err()
+            {
+                tracing::error!(key = %self.key, "the task saving a rotated token set panicked; the next refresh retries the save");
+            }
+            self.state().persisting = false;
+        } else if let Some(held) = held {
+            held.release().await;
+        }
+    }
+
+    fn clear_flight(&self, serial: u64) {
+        let mut slot = self.flight();
+        if slot.current.as_ref().is_some_and(|(s, _)| *s == serial) {
+            slot.current = None;
+        }
+    }
+
+    /// Records a flight's outcome: counters, the last error, the spacing of the next
+    /// attempt (the provider's backoff was already set where the provider failed), a dead
+    /// grant. Fills in `retry_after` for waiters.
+    fn settle(&self, mut outcome: Outcome) -> Outcome {
+        let now = self.now();
+        let mut state = self.state();
+        match &mut outcome {
+            Ok(_) => {
+                state.store_spacing.succeeded();
+            }
+            Err(e) => {
+                state.metrics.count_failure(e);
+                state.last_error = Some(e.clone());
+                if e.needs_reauthorization() {
+                    let refresh_token = state
+                        .last_known
+                        .as_ref()
+                        .and_then(|s| s.refresh_token.clone());
+                    state.dead = Some(Dead {
+                        error: e.clone(),
+                        refresh_token,
+                        checked_at: now,
+                    });
+                } else if crate::protocol::is_store_side(e) {
+                    state.metrics.store_failures += 1;
+                    let wait = state.store_spacing.failed(now, e);
+                    if let Error::Transient { retry_after, .. } = e {
+                        *retry_after = Some(retry_after.map_or(wait, |r| r.max(wait)));
+                    }
+                } else if let Error::Transient { retry_after, .. } = e {
+                    *retry_after = state.backoff.wait(now).or(*retry_after);
+                }
+            }
+        }
+        outcome
     }
 
     /// Publishes a token set's access token to the hot path.
-    fn publish(&self, set: &TokenSet) -> Option<AccessToken> {
+    pub(crate) fn publish(&self, set: &TokenSet) -> Option<AccessToken> {
         let token = set.access_token.clone()?;
         let stale_at = set.stale_at(self.leeway);
         self.cache.store(Some(Arc::new(Cached {
@@ -538,251 +748,38 @@ impl Inner {
         Some(token)
     }
 
-    /// The refresh protocol, steps 1 to 7.
-    async fn refresh(self: &Arc<Self>, reason: Reason) -> Outcome {
-        // Step 1: the lease.
-        let lease = self
-            .store
-            .lease(&self.key, self.lease_ttl)
-            .await
-            .map_err(|e| match e {
-                StoreError::LeaseTimeout { .. } => Error::Transient {
-                    kind: TransientKind::LeaseBusy,
-                    retry_after: None,
-                    source: Some(Arc::new(e)),
-                },
-                e => Error::Storage(e),
-            })?;
-        let outcome = self.refresh_under_lease(&lease, reason).await;
-        release(lease).await;
-        outcome
-    }
-
-    async fn refresh_under_lease(self: &Arc<Self>, lease: &Lease, reason: Reason) -> Outcome {
-        // Step 2: reload, and adopt what another process refreshed.
-        let (mut current, mut version) = self.load_current(lease).await?;
-        if let Some(token) = self.adoptable(&current, reason) {
-            return Ok(token);
-        }
-        let mut retried_rotated = false;
-        loop {
-            if current.rejected_at.is_some() {
-                return Err(Error::ReauthorizationRequired {
-                    reason: ReauthorizationReason::PreviouslyRejected,
-                    provider: None,
-                });
-            }
-            let Some(refresh_token) = current.refresh_token.clone() else {
-                return Err(Error::ReauthorizationRequired {
-                    reason: ReauthorizationReason::NoRefreshToken,
-                    provider: None,
-                });
-            };
-
-            // Step 3: present the refresh token read under the lease, if the lease
-            // outlasts the request.
-            let timeout = self.endpoint.profile().request_timeout;
-            if lease.remaining().is_some_and(|left| left < timeout) {
-                return Err(Error::transient(TransientKind::LeaseBusy, None));
-            }
-            let sent_at = self.clock.now();
-            tracing::debug!(key = %self.key, provider = %self.endpoint.profile().name, "refreshing");
-            match self.endpoint.refresh(&refresh_token, sent_at).await {
-                // Steps 4 and 5.
-                Ok(response) => {
-                    let next = merge(self.endpoint.profile(), &current, response, sent_at);
-                    {
-                        let mut state = self.state();
-                        state.metrics.refreshes += 1;
-                        state.last_refresh = Some(sent_at);
-                    }
-                    return Ok(self.save_and_publish(next, version, lease).await);
-                }
-                // Step 6.
-                Err(RefreshFailure::InvalidGrant(provider)) => {
-                    let reloaded = self.store.load(&self.key).await?;
-                    if let Some(stored) = reloaded {
-                        let rotated = stored.value.refresh_token.is_some()
-                            && stored.value.refresh_token.as_ref() != Some(&refresh_token);
-                        if rotated {
-                            tracing::info!(key = %self.key, "refresh token was rotated by another writer; adopting it");
-                            self.state().metrics.rotations_adopted += 1;
-                            if let Some(token) = self.adoptable(&stored.value, reason) {
-                                return Ok(token);
-                            }
-                            if !retried_rotated {
-                                retried_rotated = true;
-                                current = stored.value;
-                                version = Some(stored.version);
-                                continue;
-                            }
-                        }
-                    }
-                    tracing::error!(key = %self.key, "the provider rejected the refresh token: re-authorization required");
-                    let mut dead = current;
-                    dead.rejected_at = Some(self.clock.now());
-                    if let Err(e) = self.store.save(&self.key, &dead, version, lease).await {
-                        tracing::warn!(error = %e, "could not mark the rejected token set in the store");
-                    }
-                    return Err(Error::ReauthorizationRequired {
-                        reason: ReauthorizationReason::RefreshTokenRejected,
-                        provider,
-                    });
-                }
-                // Step 7: nothing is discarded; the caller decides from the error.
-                Err(RefreshFailure::Other(e)) => {
-                    tracing::warn!(key = %self.key, error = %e, "refresh failed; tokens kept");
-                    return Err(e);
-                }
-            }
-        }
-    }
-
-    /// What the store holds now (saving first any set whose earlier save failed), or the
-    /// initial refresh token, saved before it is presented.
-    async fn load_current(&self, lease: &Lease) -> Result<(TokenSet, Option<u64>), Error> {
-        let stored = self.store.load(&self.key).await?;
-        let unsaved = self.state().unsaved.clone();
-        if let Some(unsaved) = unsaved {
-            let version = self
-                .persist(&unsaved, stored.as_ref().map(|v| v.version), lease)
-                .await?;
-            return Ok((unsaved, Some(version)));
-        }
-        match stored {
-            Some(Versioned { value, version }) => Ok((value, Some(version))),
-            None => match &self.initial_refresh_token {
-                Some(initial) => {
-                    let seed = TokenSet::from_refresh_token(initial.clone(), self.clock.now());
-                    let version = self.store.save(&self.key, &seed, None, lease).await?;
-                    tracing::info!(key = %self.key, "imported the initial refresh token into the store");
-                    Ok((seed, Some(version)))
-                }
-                None => Err(Error::ReauthorizationRequired {
-                    reason: ReauthorizationReason::NoRefreshToken,
-                    provider: None,
-                }),
-            },
-        }
-    }
-
-    /// Adopts `set` if its access token is fresh and not one the API rejected.
-    fn adoptable(&self, set: &TokenSet, reason: Reason) -> Option<AccessToken> {
-        let token = set.access_token.as_ref()?;
-        let now = self.clock.now();
-        let keep_alive_due = keep_alive_at(set).is_some_and(|at| now >= at);
-        if set.freshness(now, self.leeway) != Freshness::Fresh
-            || (reason == Reason::KeepAlive && keep_alive_due)
-            || self.state().rejected_access.as_ref() == Some(token)
-        {
-            return None;
-        }
-        self.state().metrics.adoptions += 1;
-        self.publish(set)
-    }
-
-    /// Steps 4 and 5: save with compare-and-swap, publish; on a failed save publish anyway
-    /// and keep retrying the save in the background.
-    async fn save_and_publish(
-        self: &Arc<Self>,
-        next: TokenSet,
-        version: Option<u64>,
-        lease: &Lease,
-    ) -> AccessToken {
-        match self.store.save(&self.key, &next, version, lease).await {
-            Ok(_) => {}
-            Err(e) => {
-                tracing::error!(key = %self.key, error = %e, "the refreshed token set could not be saved; keeping it in memory and retrying");
-                let mut state = self.state();
-                state.unsaved = Some(next.clone());
-                state.metrics.failed_saves += 1;
-                drop(state);
-                self.spawn_save_retry();
-            }
-        }
-        self.state().rejected_access = None;
-        self.publish(&next)
-            .expect("a refreshed token set always has an access token")
-    }
-
-    /// Saves a set the provider issued over whatever the store holds now: it holds the
-    /// newest refresh token there is.
-    async fn persist(
-        &self,
-        set: &TokenSet,
-        version: Option<u64>,
-        lease: &Lease,
-    ) -> Result<u64, Error> {
-        let version = self.store.save(&self.key, set, version, lease).await?;
-        let mut state = self.state();
-        if state.unsaved.as_ref() == Some(set) {
-            state.unsaved = None;
-        }
-        tracing::info!(key = %self.key, "saved the refreshed token set that an earlier save had failed to write");
-        Ok(version)
-    }
-
-    fn spawn_save_retry(self: &Arc<Self>) {
-        let inner = Arc::clone(self);
-        tokio::spawn(async move {
-            let mut delays = backoff();
-            loop {
-                // The new refresh token exists only in memory: retry at least every minute.
-                let delay = delays.next().unwrap_or(MAX_RETRY);
-                tokio::time::sleep(delay.min(StdDuration::from_secs(60))).await;
-                let Some(unsaved) = inner.state().unsaved.clone() else {
-                    return;
-                };
-                let attempt = async {
-                    let lease = inner.store.lease(&inner.key, inner.lease_ttl).await?;
-                    let result = async {
-                        let version = inner.store.load(&inner.key).await?.map(|v| v.version);
-                        inner.persist(&unsaved, version, &lease).await
-                    }
-                    .await;
-                    release(lease).await;
-                    result
-                };
-                match attempt.await {
-                    Ok(_) => return,
-                    Err(e) => {
-                        tracing::error!(key = %inner.key, error = %e, "saving the refreshed token set failed again")
-                    }
-                }
-            }
-        });
+    /// Whether a refresh forced by a rejected token may be sent now.
+    pub(crate) fn forced_refresh_allowed(&self, state: &State) -> bool {
+        state.last_forced_refresh.is_none_or(|at| {
+            self.now().saturating_duration_since(at) >= self.timing.forced_refresh_interval
+        })
     }
 }
 
-/// Step 4's merge: the response over the current set. The old refresh token is kept only
-/// when the response carries none; expiries become absolute instants.
-fn merge(
-    profile: &ProviderProfile,
-    current: &TokenSet,
-    response: TokenResponse,
-    sent_at: OffsetDateTime,
-) -> TokenSet {
-    let default_lifetime = profile
-        .default_access_token_lifetime
-        .and_then(|d| Duration::try_from(d).ok());
-    let expires_at = absolute_expiry(response.expiry, sent_at, default_lifetime);
-    let rotated = response.refresh_token.is_some();
-    let refresh_expires_at = match response.refresh_expires_in.filter(|s| *s > 0) {
-        Some(seconds) => Some(sent_at + Duration::seconds(seconds)),
-        None if rotated => profile
-            .refresh_token_lifetime
-            .and_then(|d| Duration::try_from(d).ok())
-            .map(|l| sent_at + l),
-        None => current.refresh_expires_at,
-    };
-    let mut next = TokenSet::new(response.access_token, sent_at);
-    next.refresh_token = response
-        .refresh_token
-        .or_else(|| current.refresh_token.clone());
-    next.token_type = response.token_type;
-    next.expires_at = expires_at;
-    next.refresh_expires_at = refresh_expires_at;
-    next.scopes = response.scopes.unwrap_or_else(|| current.scopes.clone());
-    next.extra = response.extra;
-    next
+/// Clears a flight's slot when its task ends, however it ends.
+struct ClearFlight {
+    inner: Arc<Inner>,
+    serial: u64,
 }
+
+impl Drop for ClearFlight {
+    fn drop(&mut self) {
+        self.inner.clear_flight(self.serial);
+    }
+}
+
+/// The error waiters get when the flight's task panicked. The message is not included:
+/// a panic message is not ours to vouch for.
+fn panicked(_payload: &(dyn std::any::Any + Send)) -> Error {
+    tracing::error!("a refresh task panicked; the flight is cleared and the next call starts anew");
+    Error::Transient {
+        kind: TransientKind::Interrupted,
+        retry_after: None,
+        source: Some(Arc::new(Panicked)),
+    }
+}
+
+/// The cause of an [`Error::Transient`] whose task panicked.
+#[derive(Debug, thiserror::Error)]
+#[error("the refresh task panicked")]
+pub(crate) struct Panicked;

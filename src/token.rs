@@ -42,6 +42,34 @@ pub struct TokenSet {
     /// Other fields of the provider's response (Lucid's `user_id`, HighQ's `useremail`...).
     #[serde(default)]
     pub extra: serde_json::Map<String, serde_json::Value>,
+    /// Set while a holder presents `refresh_token` to the provider: the refresh
+    /// protocol's write-ahead record. Another holder that finds it knows the token may
+    /// already be consumed by a holder that can still save its successor, and does not
+    /// present it (see ARCHITECTURE.md). `None` in every set at rest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<RotationInFlight>,
+}
+
+/// The write-ahead record of a refresh in flight: who presents the refresh token, since
+/// when.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RotationInFlight {
+    /// The presenting source instance (random, one per source).
+    pub holder: String,
+    /// When it wrote this record, by its clock.
+    #[serde(with = "time::serde::rfc3339")]
+    pub since: OffsetDateTime,
+}
+
+impl RotationInFlight {
+    /// A record for `holder`, written at `since`.
+    pub fn new(holder: impl Into<String>, since: OffsetDateTime) -> Self {
+        Self {
+            holder: holder.into(),
+            since,
+        }
+    }
 }
 
 impl TokenSet {
@@ -72,6 +100,7 @@ impl TokenSet {
             obtained_at,
             rejected_at: None,
             extra: serde_json::Map::new(),
+            rotation: None,
         }
     }
 
@@ -110,6 +139,7 @@ impl fmt::Debug for TokenSet {
             .field("rejected_at", &self.rejected_at)
             // Extra fields may hold an id_token or other credentials: names only.
             .field("extra", &self.extra.keys().collect::<Vec<_>>())
+            .field("rotation", &self.rotation)
             .finish()
     }
 }
@@ -151,7 +181,7 @@ pub fn absolute_expiry(
     let relative = fields
         .expires_in
         .filter(|s| *s > 0)
-        .map(|s| sent_at + Duration::seconds(s));
+        .map(|s| add_clamped(sent_at, Duration::seconds(s)));
     let absolute = fields
         .expires_at_ms
         .and_then(|ms| OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok());
@@ -179,8 +209,18 @@ pub fn absolute_expiry(
         }
         (Some(r), None) => Some(r),
         (None, Some(a)) => Some(a),
-        (None, None) => default_lifetime.map(|l| sent_at + l),
+        (None, None) => default_lifetime.map(|l| add_clamped(sent_at, l)),
     }
+}
+
+/// The longest lifetime taken from a provider: longer ones are cut to this, so that
+/// absurd values (`expires_in` near `i64::MAX`) never overflow the date arithmetic.
+pub(crate) const MAX_LIFETIME: Duration = Duration::days(3650);
+
+/// `at + lifetime`, with `lifetime` clamped to `0..=MAX_LIFETIME`: never panics.
+pub(crate) fn add_clamped(at: OffsetDateTime, lifetime: Duration) -> OffsetDateTime {
+    let lifetime = lifetime.clamp(Duration::ZERO, MAX_LIFETIME);
+    at.checked_add(lifetime).unwrap_or(at)
 }
 
 #[cfg(test)]
@@ -265,6 +305,35 @@ mod tests {
         assert_eq!(
             absolute_expiry(fields, T0, None),
             Some(T0 + Duration::minutes(10))
+        );
+    }
+
+    #[test]
+    fn absurd_lifetimes_are_clamped_not_overflowed() {
+        for expires_in in [i64::MAX, i64::MAX - 1, 1 << 62] {
+            let fields = ExpiryFields {
+                expires_in: Some(expires_in),
+                expires_at_ms: Some(i64::MAX),
+            };
+            let at = absolute_expiry(fields, T0, None).unwrap();
+            assert_eq!(at, T0 + MAX_LIFETIME);
+        }
+        let fields = ExpiryFields {
+            expires_in: None,
+            expires_at_ms: Some(i64::MIN),
+        };
+        assert_eq!(absolute_expiry(fields, T0, None), None);
+        let late = OffsetDateTime::new_utc(
+            time::Date::from_calendar_date(9999, time::Month::December, 31).unwrap(),
+            time::Time::MIDNIGHT,
+        );
+        let fields = ExpiryFields {
+            expires_in: Some(i64::MAX),
+            expires_at_ms: None,
+        };
+        assert_eq!(
+            absolute_expiry(fields, late, Some(Duration::MAX)),
+            Some(late)
         );
     }
 

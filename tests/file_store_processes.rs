@@ -124,13 +124,18 @@ async fn four_processes_sharing_a_file_store_refresh_once_per_expiry_with_no_reu
         "{} refreshes over {windows} half-lifetimes",
         counters.refreshes
     );
-    // Every refresh was saved exactly once: the seed is version 1.
+    // Every refresh was saved exactly once: the seed is version 1, and each rotation
+    // writes two versions (its write-ahead record, then the rotated set).
     let stored = FileStore::new(dir.path())
         .load("shared")
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(stored.version, counters.refreshes + 1);
+    assert_eq!(stored.version, 2 * counters.refreshes + 1);
+    assert!(
+        stored.value.rotation.is_none(),
+        "no refresh is left in flight"
+    );
     assert_eq!(
         stored.value.refresh_token.unwrap().secret(),
         simulator.current_refresh_token(0).unwrap(),

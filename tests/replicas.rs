@@ -51,6 +51,8 @@ struct ChildConfig {
     lease_ttl_ms: u64,
     request_timeout_ms: u64,
     leeway_ms: u64,
+    /// How long a child waits on a write-ahead record another (killed) holder left.
+    takeover_ms: u64,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -113,6 +115,7 @@ async fn run_child(config: ChildConfig) -> ChildReport {
             .initial_refresh_token(config.initial_refresh_token.clone())
             .lease_ttl(Duration::from_millis(config.lease_ttl_ms))
             .leeway(Duration::from_millis(config.leeway_ms))
+            .abandoned_rotation_after(Duration::from_millis(config.takeover_ms))
             .build()
             .unwrap();
     match config.role {
@@ -243,6 +246,7 @@ async fn four_replicas_refresh_once_per_expiry(backend: Backend, store_url: Stri
         lease_ttl_ms: 10_000,
         request_timeout_ms: 5_000,
         leeway_ms: LEEWAY.as_millis() as u64,
+        takeover_ms: 300_000,
     };
     let started = std::time::Instant::now();
     let children: Vec<Child> = (0..4).map(|_| spawn_child(&config)).collect();
@@ -291,6 +295,9 @@ fn single_refresh_config(
         lease_ttl_ms: 3_000,
         request_timeout_ms: 2_000,
         leeway_ms: 60_000,
+        // The killed holder's write-ahead record stays; the survivor waits this long
+        // before presenting the token that holder may have consumed.
+        takeover_ms: 2_000,
     }
 }
 
@@ -304,7 +311,9 @@ async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
 
 /// The lease holder is SIGKILLed while its refresh request is in flight and the provider
 /// has not rotated yet (the request hangs at a gateway): the survivor takes the lease over
-/// once it expires, refreshes with the stored token, and nothing is lost.
+/// once it expires, finds the holder's write-ahead record, waits for it the configured
+/// time (the holder might have been alive with a rotated token), then refreshes with the
+/// stored token, and nothing is lost.
 async fn killed_holder_before_rotation_loses_nothing(backend: Backend, store_url: String) {
     let sim = Simulator::builder(Mode::Lucid).start().await.unwrap();
     sim.fail_next([Fault::Hang(Duration::from_secs(20))]);
@@ -356,6 +365,7 @@ async fn killed_holder_before_rotation_loses_nothing(backend: Backend, store_url
 /// The lease holder is SIGKILLed after the provider rotated the refresh token but before
 /// the response reached it (the response is delayed): the new refresh token existed only
 /// in that response, so the grant is lost. That is the one loss no store can prevent.
+/// (The survivor waits on the holder's write-ahead record first, as above.)
 /// What must hold: the store is intact (a complete token set, never half-written), the
 /// survivor takes over the lease after it expires, finds the provider rejecting the old
 /// token, and reports a typed `ReauthorizationRequired` (no panic, no hang), leaving the

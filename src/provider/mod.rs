@@ -24,6 +24,7 @@ mod response;
 pub use autodesk::AUTODESK_TOKEN_URL;
 pub use lucid::{LUCID_LEGACY_TOKEN_URL, LUCID_TOKEN_URL};
 pub use response::{ParseError, TokenResponse, parse_error_response, parse_token_response};
+pub(crate) use response::{parse_error_untruncated, truncate_error};
 
 /// How the refresh request body is encoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -144,12 +145,33 @@ impl ProviderProfile {
     /// Checks what can be checked before any request: `https` (or loopback `http`).
     pub fn validate(&self) -> Result<(), crate::Error> {
         match self.token_url.scheme() {
-            "https" => Ok(()),
-            "http" if is_loopback(&self.token_url) => Ok(()),
-            scheme => Err(crate::Error::Config(format!(
-                "the token URL must use https (got {scheme}; http is allowed only for loopback hosts)"
-            ))),
+            "https" => {}
+            "http" if self.token_url_is_loopback() => {}
+            scheme => {
+                return Err(crate::Error::Config(format!(
+                    "the token URL must use https (got {scheme}; http is allowed only for loopback hosts)"
+                )));
+            }
         }
+        for (name, value) in &self.request_headers {
+            if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                return Err(crate::Error::Config(format!(
+                    "the profile's request header name {name:?} is not a valid HTTP header name"
+                )));
+            }
+            if reqwest::header::HeaderValue::from_str(value).is_err() {
+                // The value may be a credential: never quoted.
+                return Err(crate::Error::Config(format!(
+                    "the value of the profile's request header {name:?} is not a valid HTTP header value"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the token URL names a loopback host (`localhost`, `127.0.0.0/8`, `::1`).
+    pub(crate) fn token_url_is_loopback(&self) -> bool {
+        is_loopback(&self.token_url)
     }
 
     /// Sets the token URL (the legacy Lucid URL, a test server...).

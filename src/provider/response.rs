@@ -99,8 +99,25 @@ pub fn parse_token_response(
 
 /// Reads an error body: RFC 6749 `{"error","error_description"}`, Autodesk's
 /// `{"developerMessage","userMessage","errorCode"}`, or either as flat XML. `None` when the
-/// body names no error. Descriptions are cut to 200 characters.
+/// body names no error. Codes are cut to 64 characters, descriptions to 200.
 pub fn parse_error_response(content_type: Option<&str>, body: &[u8]) -> Option<ProviderError> {
+    parse_error_untruncated(content_type, body).map(truncate_error)
+}
+
+/// Cuts an error's code to 64 characters and its description to 200.
+pub(crate) fn truncate_error(error: ProviderError) -> ProviderError {
+    ProviderError {
+        code: truncate(error.code, 64),
+        description: error.description.map(|d| truncate(d, 200)),
+    }
+}
+
+/// [`parse_error_response`] without the cut: secrets are scrubbed from the whole text
+/// first (a token cut at the boundary would survive a scrub after the cut).
+pub(crate) fn parse_error_untruncated(
+    content_type: Option<&str>,
+    body: &[u8],
+) -> Option<ProviderError> {
     let fields = parse_fields(ResponseFormat::ByContentType, content_type, body).ok()?;
     let text = |name: &str| match fields.get(name) {
         Some(Value::String(s)) if !s.trim().is_empty() => Some(s.trim().to_owned()),
@@ -112,10 +129,7 @@ pub fn parse_error_response(content_type: Option<&str>, body: &[u8]) -> Option<P
         .or_else(|| text("developerMessage"))
         .or_else(|| text("userMessage"))
         .or_else(|| text("message"));
-    Some(ProviderError {
-        code: truncate(code, 64),
-        description: description.map(|d| truncate(d, 200)),
-    })
+    Some(ProviderError { code, description })
 }
 
 /// A malformed optional field reads as absent, with a warning naming the field only.

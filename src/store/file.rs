@@ -44,6 +44,14 @@ impl FileStore {
         Ok(self.dir.join(format!("{}.json", file_stem(key)?)))
     }
 
+    /// Where versions before 0.2 kept `key` (upper-case letters unescaped), when that
+    /// differs from [`FileStore::path_for`]: read when the current file is absent, and
+    /// removed by the next save.
+    fn legacy_path_for(&self, key: &str) -> Option<PathBuf> {
+        let legacy = legacy_file_stem(key)?;
+        (file_stem(key).ok()? != legacy).then(|| self.dir.join(format!("{legacy}.json")))
+    }
+
     fn lock_path(&self, key: &str) -> Result<PathBuf, StoreError> {
         Ok(self.dir.join(format!("{}.json.lock", file_stem(key)?)))
     }
@@ -57,16 +65,16 @@ impl FileStore {
     }
 
     fn read(&self, key: &str) -> Result<Option<Versioned<TokenSet>>, StoreError> {
-        let path = self.path_for(key)?;
-        let mut bytes = Vec::new();
-        match File::open(&path) {
-            Ok(mut file) => file
-                .read_to_end(&mut bytes)
-                .map_err(StoreError::unavailable)?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(StoreError::unavailable(e)),
-        };
-        decode(key, &bytes).map(Some)
+        match read_file(&self.path_for(key)?)? {
+            Some(bytes) => decode(key, &bytes).map(Some),
+            None => match self.legacy_path_for(key) {
+                Some(legacy) => match read_file(&legacy)? {
+                    Some(bytes) => decode(key, &bytes).map(Some),
+                    None => Ok(None),
+                },
+                None => Ok(None),
+            },
+        }
     }
 
     /// Writes through a temporary file named after the key. Called under the key's lease,
@@ -91,8 +99,26 @@ impl FileStore {
         temp.as_file().sync_all()?;
         temp.persist(self.path_for(key).map_err(io::Error::other)?)
             .map_err(|e| e.error)?;
+        if let Some(legacy) = self.legacy_path_for(key) {
+            match fs::remove_file(legacy) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
         sync_dir(&self.dir)
     }
+}
+
+fn read_file(path: &Path) -> Result<Option<Vec<u8>>, StoreError> {
+    let mut bytes = Vec::new();
+    match File::open(path) {
+        Ok(mut file) => file
+            .read_to_end(&mut bytes)
+            .map_err(StoreError::unavailable)?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(StoreError::unavailable(e)),
+    };
+    Ok(Some(bytes))
 }
 
 #[cfg(unix)]
@@ -105,9 +131,31 @@ fn sync_dir(_dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Keys become file names: `[A-Za-z0-9_-]` and `.` (not leading) stay, every other byte is
-/// written `%XX`, so distinct keys never share a file.
+/// The longest file stem: file systems cap names at 255 bytes, and the lock file
+/// (`.json.lock`) and temporary files (`.<stem>~XXXXXX.tmp`) add to it.
+const MAX_STEM: usize = 200;
+
+/// Keys become file names: `[a-z0-9_-]` and `.` (not leading) stay, every other byte
+/// (upper-case letters included) is written `%XX`, so distinct keys never share a file,
+/// even on case-insensitive file systems (macOS, Windows). A key whose name would exceed
+/// [`MAX_STEM`] bytes is [`StoreError::InvalidKey`].
 fn file_stem(key: &str) -> Result<String, StoreError> {
+    let stem = escape(key, |b| b.is_ascii_lowercase())?;
+    if stem.len() > MAX_STEM {
+        return Err(StoreError::InvalidKey {
+            key: key.to_owned(),
+            reason: "too long for a file name (at most 200 bytes once escaped)",
+        });
+    }
+    Ok(stem)
+}
+
+/// The stem versions before 0.2 used: upper-case letters kept as they are.
+fn legacy_file_stem(key: &str) -> Option<String> {
+    escape(key, |b| b.is_ascii_alphabetic()).ok()
+}
+
+fn escape(key: &str, keep_letter: impl Fn(u8) -> bool) -> Result<String, StoreError> {
     if key.is_empty() {
         return Err(StoreError::InvalidKey {
             key: key.to_owned(),
@@ -117,7 +165,8 @@ fn file_stem(key: &str) -> Result<String, StoreError> {
     let mut stem = String::with_capacity(key.len());
     for (i, b) in key.bytes().enumerate() {
         match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-' => stem.push(char::from(b)),
+            b if keep_letter(b) => stem.push(char::from(b)),
+            b'0'..=b'9' | b'_' | b'-' => stem.push(char::from(b)),
             b'.' if i > 0 => stem.push('.'),
             _ => stem.push_str(&format!("%{b:02X}")),
         }
@@ -135,6 +184,10 @@ async fn blocking<T: Send + 'static>(
 
 #[async_trait]
 impl TokenStore for FileStore {
+    fn check_key(&self, key: &str) -> Result<(), StoreError> {
+        file_stem(key).map(drop)
+    }
+
     async fn load(&self, key: &str) -> Result<Option<Versioned<TokenSet>>, StoreError> {
         let (store, key) = (self.clone(), key.to_owned());
         blocking(move || store.read(&key)).await
@@ -249,5 +302,48 @@ mod tests {
         assert_eq!(file_stem("../etc").unwrap(), "%2E.%2Fetc");
         assert_ne!(file_stem("a%3Ab").unwrap(), file_stem("a:b").unwrap());
         assert!(file_stem("").is_err());
+    }
+
+    #[test]
+    fn keys_differing_only_in_case_get_names_differing_in_more_than_case() {
+        let (upper, lower) = (file_stem("User-1").unwrap(), file_stem("user-1").unwrap());
+        assert_eq!(upper, "%55ser-1");
+        assert_ne!(upper.to_ascii_lowercase(), lower.to_ascii_lowercase());
+    }
+
+    #[test]
+    fn a_key_too_long_for_a_file_name_is_an_invalid_key() {
+        let err = file_stem(&"k".repeat(201)).unwrap_err();
+        assert!(
+            matches!(err, super::StoreError::InvalidKey { .. }),
+            "{err:?}"
+        );
+        assert!(file_stem(&"k".repeat(200)).is_ok());
+        // Escaping counts: 67 colons are 201 bytes of name.
+        assert!(file_stem(&":".repeat(67)).is_err());
+    }
+
+    #[test]
+    fn a_file_written_by_an_older_version_under_an_upper_case_key_is_read_then_moved() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = super::FileStore::new(dir.path());
+        let set = crate::TokenSet::from_refresh_token(
+            crate::RefreshToken::new("rt-legacy"),
+            time::OffsetDateTime::UNIX_EPOCH,
+        );
+        std::fs::write(dir.path().join("User-1.json"), super::encode(&set, 7)).unwrap();
+        let loaded = store
+            .read("User-1")
+            .unwrap()
+            .expect("the legacy file is read");
+        assert_eq!((loaded.value, loaded.version), (set.clone(), 7));
+        store
+            .write_atomically("User-1", &super::encode(&set, 8))
+            .unwrap();
+        assert!(
+            !dir.path().join("User-1.json").exists(),
+            "the legacy file is gone"
+        );
+        assert_eq!(store.read("User-1").unwrap().unwrap().version, 8);
     }
 }

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::{Lease, LeaseRelease, StoreError, TokenStore, Versioned};
+use super::{Lease, LeaseRelease, StoreError, TokenStore, Versioned, deadline_after};
 use crate::token::TokenSet;
 
 /// An in-process store: the default of
@@ -49,6 +49,11 @@ impl MemoryStore {
     /// What is stored under `key`, read synchronously (for tests and inspection).
     pub fn get(&self, key: &str) -> Option<Versioned<TokenSet>> {
         self.shared.lock().entries.get(key).cloned()
+    }
+
+    /// Removes `key`, as a store that loses data would (for tests). Returns what was there.
+    pub fn remove(&self, key: &str) -> Option<Versioned<TokenSet>> {
+        self.shared.lock().entries.remove(key)
     }
 
     /// Writes `token` under `key` without a lease or version check, as an administrator
@@ -108,7 +113,7 @@ impl TokenStore for MemoryStore {
     }
 
     async fn lease(&self, key: &str, ttl: Duration) -> Result<Lease, StoreError> {
-        let give_up = Instant::now() + ttl;
+        let give_up = deadline_after(ttl);
         loop {
             let released = self.shared.released.notified();
             let wait_until = {
@@ -120,7 +125,7 @@ impl TokenStore for MemoryStore {
                         state.fencing += 1;
                         let held = Held {
                             fencing: state.fencing,
-                            expires_at: now + ttl,
+                            expires_at: deadline_after(ttl),
                         };
                         state.leases.insert(key.to_owned(), held);
                         return Ok(Lease::new(
@@ -144,6 +149,18 @@ impl TokenStore for MemoryStore {
                 () = released => {}
                 () = tokio::time::sleep_until(wait_until) => {}
             }
+        }
+    }
+
+    async fn renew(&self, key: &str, lease: &Lease, ttl: Duration) -> Result<(), StoreError> {
+        let mut state = self.shared.lock();
+        match state.leases.get_mut(key) {
+            Some(held) if held.fencing == lease.fencing() && held.expires_at > Instant::now() => {
+                held.expires_at = deadline_after(ttl);
+                lease.set_expires_at(held.expires_at);
+                Ok(())
+            }
+            _ => Err(StoreError::LeaseLost),
         }
     }
 }

@@ -26,6 +26,17 @@
 //!   store. It waits for a holder to release, and returns [`StoreError::LeaseTimeout`]
 //!   after about `ttl`. A lease with an expiry carries a fencing number that grows with
 //!   every grant, so that a holder whose lease expired can never overwrite a newer token.
+//! - `renew` extends a held lease that expires, and fails with [`StoreError::LeaseLost`]
+//!   once it has expired or been taken over. A store whose leases expire but cannot be
+//!   renewed keeps the default ([`StoreError::Unsupported`]); the refresh protocol then
+//!   relies on the lease's first ttl alone.
+//! - Errors say whether the operation may have taken effect: an error that leaves the
+//!   outcome unknown (a timeout, a connection cut after the request was sent) must be
+//!   [`StoreError::Unavailable`] or [`StoreError::Timeout`], never `Conflict` or
+//!   `LeaseLost`, which promise that nothing was written.
+//!
+//! What each store needs to be durable (a store that loses a key can make the protocol
+//! present a refresh token that was already used) is in ARCHITECTURE.md.
 //!
 //! The [`conformance`] suite (feature `conformance`) checks these properties.
 
@@ -83,6 +94,33 @@ pub trait TokenStore: fmt::Debug + Send + Sync + 'static {
     /// Waits for the current holder, up to about `ttl`; a lease that expires does so
     /// `ttl` after it was granted.
     async fn lease(&self, key: &str, ttl: Duration) -> Result<Lease, StoreError>;
+
+    /// Extends `lease` so that it expires `ttl` from now, and records the new expiry with
+    /// [`Lease::set_expires_at`]. Fails with [`StoreError::LeaseLost`] if the lease has
+    /// expired or another holder has it.
+    ///
+    /// The default: leases that never expire need no renewal (`Ok`); others
+    /// [`StoreError::Unsupported`].
+    async fn renew(&self, key: &str, lease: &Lease, ttl: Duration) -> Result<(), StoreError> {
+        let _ = (key, ttl);
+        match lease.expires_at() {
+            None => Ok(()),
+            Some(_) => Err(StoreError::Unsupported("lease renewal")),
+        }
+    }
+
+    /// Checks that `key` can be stored here at all (length, characters), without
+    /// touching the store. [`crate::Builder::build`] calls it, so that a key the store
+    /// cannot hold is a configuration error at once. Default: any non-empty key.
+    fn check_key(&self, key: &str) -> Result<(), StoreError> {
+        if key.is_empty() {
+            return Err(StoreError::InvalidKey {
+                key: key.to_owned(),
+                reason: "empty",
+            });
+        }
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -101,6 +139,12 @@ impl<S: TokenStore + ?Sized> TokenStore for Arc<S> {
     }
     async fn lease(&self, key: &str, ttl: Duration) -> Result<Lease, StoreError> {
         (**self).lease(key, ttl).await
+    }
+    async fn renew(&self, key: &str, lease: &Lease, ttl: Duration) -> Result<(), StoreError> {
+        (**self).renew(key, lease, ttl).await
+    }
+    fn check_key(&self, key: &str) -> Result<(), StoreError> {
+        (**self).check_key(key)
     }
 }
 
@@ -125,7 +169,8 @@ pub trait LeaseRelease: std::any::Any + fmt::Debug + Send + Sync + 'static {
 #[derive(Debug)]
 pub struct Lease {
     fencing: u64,
-    expires_at: Option<tokio::time::Instant>,
+    /// Moved forward by [`TokenStore::renew`] while the lease is shared by reference.
+    expires_at: std::sync::Mutex<Option<tokio::time::Instant>>,
     guard: Option<Box<dyn LeaseRelease>>,
 }
 
@@ -139,7 +184,7 @@ impl Lease {
     ) -> Self {
         Self {
             fencing,
-            expires_at,
+            expires_at: std::sync::Mutex::new(expires_at),
             guard: Some(Box::new(guard)),
         }
     }
@@ -151,12 +196,21 @@ impl Lease {
 
     /// When the lease expires, if it does.
     pub fn expires_at(&self) -> Option<tokio::time::Instant> {
-        self.expires_at
+        *self.expires_at.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a new expiry after a successful [`TokenStore::renew`] (for store
+    /// implementations). Never moves the expiry backwards.
+    pub fn set_expires_at(&self, at: tokio::time::Instant) {
+        let mut expires_at = self.expires_at.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(current) = expires_at.as_mut() {
+            *current = (*current).max(at);
+        }
     }
 
     /// How long the lease is still held for; `None` when it does not expire.
     pub fn remaining(&self) -> Option<Duration> {
-        self.expires_at
+        self.expires_at()
             .map(|at| at.saturating_duration_since(tokio::time::Instant::now()))
     }
 
@@ -189,6 +243,16 @@ impl Drop for Lease {
     }
 }
 
+/// `now + after` on tokio's clock, clamped to about a century: never panics, whatever
+/// `after` is.
+pub(crate) fn deadline_after(after: Duration) -> tokio::time::Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    let now = tokio::time::Instant::now();
+    now.checked_add(after.min(CENTURY))
+        .or_else(|| now.checked_add(Duration::from_secs(24 * 3600)))
+        .unwrap_or(now)
+}
+
 /// How often [`poll_lease`] asks again.
 const LEASE_POLL: Duration = Duration::from_millis(10);
 
@@ -204,7 +268,7 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<Option<Lease>, StoreError>>,
 {
-    let give_up = tokio::time::Instant::now() + ttl;
+    let give_up = deadline_after(ttl);
     loop {
         if let Some(lease) = try_take().await? {
             return Ok(lease);
@@ -251,15 +315,40 @@ pub enum StoreError {
         /// Why.
         reason: &'static str,
     },
-    /// The store could not be reached or failed.
+    /// The store could not be reached or failed. Whether the operation took effect is
+    /// unknown.
     #[error("the store is unavailable")]
     Unavailable(#[source] Arc<dyn StdError + Send + Sync + 'static>),
+    /// The store did not answer in time. Whether the operation took effect is unknown.
+    #[error("the store did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The store is set up wrongly (a missing table, a missing permission): an operator
+    /// must act; retrying will not help.
+    #[error("the store is misconfigured: {0}")]
+    Misconfigured(String),
+    /// The store does not offer this operation.
+    #[error("the store does not support {0}")]
+    Unsupported(&'static str),
 }
 
 impl StoreError {
     /// Wraps a backend's own error as [`StoreError::Unavailable`].
     pub fn unavailable(e: impl StdError + Send + Sync + 'static) -> Self {
         Self::Unavailable(Arc::new(e))
+    }
+
+    /// True when the same call may succeed later without anyone changing anything:
+    /// conflicts, lost or busy leases, an unreachable or slow store. Corrupt data,
+    /// invalid keys, a misconfigured store and unsupported operations are not.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Self::Conflict
+                | Self::LeaseLost
+                | Self::LeaseTimeout { .. }
+                | Self::Unavailable(_)
+                | Self::Timeout(_)
+        )
     }
 }
 

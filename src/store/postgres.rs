@@ -25,11 +25,29 @@
 //! # Leases and fencing
 //!
 //! A lease is one upsert on the key's row that succeeds only if the row's lease is absent,
-//! released or expired (`lease_expires_at <= clock_timestamp()`); it sets a new random
-//! owner, increments `lease_fencing` and sets the expiry to `clock_timestamp() + ttl`,
-//! returning the fencing number. A waiting taker polls every few milliseconds for up to
-//! `ttl`, then gives up with [`StoreError::LeaseTimeout`]. A holder that dies releases by
-//! expiry; expiries use the database's clock alone, never the clients'.
+//! released or expired (`lease_expires_at <= clock_timestamp()`), or already this owner's;
+//! it sets a new random owner, increments `lease_fencing` and sets the expiry to
+//! `clock_timestamp() + ttl`, returning the fencing number. A waiting taker polls every
+//! few milliseconds for up to `ttl`, taking a pooled connection for each attempt only
+//! (waiters never starve a holder's save of connections), then gives up with
+//! [`StoreError::LeaseTimeout`]. When an attempt fails (its answer may be lost) the taker
+//! asks again as the same owner; if it gives up, it frees any grant made to it. A holder
+//! that dies releases by expiry; expiries use the database's clock alone, never the
+//! clients'. A holder renews with an `UPDATE` of the expiry that checks owner, fencing
+//! number and that the lease has not expired.
+//!
+//! # Timeouts
+//!
+//! Every operation (a pooled connection and its statements) is bounded by
+//! [`PostgresStore::with_operation_timeout`] (default 5 s); a connection whose operation
+//! timed out is closed rather than returned to the pool, so a connection the network
+//! silently dropped stalls nothing for long. [`PostgresStore::connect`] also sets the
+//! server's `statement_timeout` to the same bound (unless the connection string sets one)
+//! and TCP keepalives.
+//!
+//! A missing table is [`StoreError::Misconfigured`], naming the table and
+//! [`PostgresStore::create_schema`], which the store never runs by itself (the role that
+//! serves tokens need not be allowed to create tables).
 //!
 //! A save is one `UPDATE ... WHERE key = $1 AND lease_owner = $2 AND lease_fencing = $3
 //! AND lease_expires_at > clock_timestamp() AND version IS NOT DISTINCT FROM $expected`:
@@ -79,12 +97,19 @@ struct Shared {
     /// Where the pool connects, without credentials, for Debug.
     target: String,
     sql: Sql,
+    /// The bound on one operation (a pool checkout and its statements).
+    op_timeout: Duration,
 }
+
+/// The default bound on one operation.
+const DEFAULT_OP_TIMEOUT: Duration = Duration::from_secs(5);
 
 struct Sql {
     load: String,
     lease: String,
+    renew: String,
     release: String,
+    release_owner: String,
     save: String,
     lease_held: String,
 }
@@ -101,7 +126,17 @@ impl Sql {
                      lease_fencing = t.lease_fencing + 1, \
                      lease_expires_at = EXCLUDED.lease_expires_at \
                  WHERE t.lease_expires_at IS NULL OR t.lease_expires_at <= clock_timestamp() \
+                    OR t.lease_owner = EXCLUDED.lease_owner \
                  RETURNING t.lease_fencing"
+            ),
+            renew: format!(
+                "UPDATE {t} SET lease_expires_at = clock_timestamp() + $4::bigint * interval '1 millisecond' \
+                 WHERE key = $1 AND lease_owner = $2 AND lease_fencing = $3 \
+                   AND lease_expires_at > clock_timestamp()"
+            ),
+            release_owner: format!(
+                "UPDATE {t} SET lease_owner = NULL, lease_expires_at = NULL \
+                 WHERE key = $1 AND lease_owner = $2"
             ),
             release: format!(
                 "UPDATE {t} SET lease_owner = NULL, lease_expires_at = NULL \
@@ -179,12 +214,23 @@ impl PostgresStore {
     /// database is reachable ([`StoreError::Unavailable`] otherwise), and keeps a pool of
     /// up to 8.
     pub async fn connect(config: &str) -> Result<Self, StoreError> {
-        let mut pg: tokio_postgres::Config = config
-            .parse()
-            .map_err(|_| StoreError::unavailable(InvalidConfig("unparseable connection string")))?;
+        let mut pg: tokio_postgres::Config = config.parse().map_err(|_| {
+            StoreError::Misconfigured("the PostgreSQL connection string cannot be parsed".into())
+        })?;
         if pg.get_connect_timeout().is_none() {
             pg.connect_timeout(Duration::from_secs(5));
         }
+        // A statement the server runs longer than an operation may take is cancelled
+        // there too, and a silently dead connection is noticed by TCP keepalives.
+        let options = pg.get_options().unwrap_or_default().to_owned();
+        if !options.contains("statement_timeout") {
+            let ms = DEFAULT_OP_TIMEOUT.as_millis();
+            pg.options(format!("{options} -c statement_timeout={ms}").trim_start());
+        }
+        pg.keepalives(true)
+            .keepalives_idle(Duration::from_secs(30))
+            .keepalives_interval(Duration::from_secs(5))
+            .keepalives_retries(3);
         let target = describe(&pg);
         let manager = Manager::from_config(
             pg,
@@ -196,8 +242,8 @@ impl PostgresStore {
         let pool = Pool::builder(manager)
             .max_size(8)
             .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(Duration::from_secs(10)))
-            .create_timeout(Some(Duration::from_secs(10)))
+            .wait_timeout(Some(DEFAULT_OP_TIMEOUT))
+            .create_timeout(Some(DEFAULT_OP_TIMEOUT))
             .recycle_timeout(Some(Duration::from_secs(5)))
             .build()
             .map_err(StoreError::unavailable)?;
@@ -218,6 +264,7 @@ impl PostgresStore {
                 sql: Sql::new(DEFAULT_TABLE),
                 table: DEFAULT_TABLE.into(),
                 target,
+                op_timeout: DEFAULT_OP_TIMEOUT,
             }),
         }
     }
@@ -237,6 +284,20 @@ impl PostgresStore {
             sql: Sql::new(name),
             table: name.to_owned(),
             target: self.shared.target.clone(),
+            op_timeout: self.shared.op_timeout,
+        });
+        self
+    }
+
+    /// Bounds each operation (a connection from the pool and its statements) by
+    /// `timeout` (default 5 s). A connection whose operation timed out is closed, never
+    /// handed out again: a silently dropped connection cannot stall later operations.
+    pub fn with_operation_timeout(mut self, timeout: Duration) -> Self {
+        self.shared = Arc::new(Shared {
+            sql: Sql::new(&self.shared.table),
+            table: self.shared.table.clone(),
+            target: self.shared.target.clone(),
+            op_timeout: timeout,
         });
         self
     }
@@ -276,8 +337,50 @@ impl PostgresStore {
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
-        self.pool.get().await.map_err(StoreError::unavailable)
+        let timeout = self.shared.op_timeout;
+        match tokio::time::timeout(timeout, self.pool.get()).await {
+            Ok(client) => client.map_err(StoreError::unavailable),
+            Err(_) => Err(StoreError::Timeout(timeout)),
+        }
     }
+
+    /// Maps a database error: a missing table is a configuration mistake, named.
+    fn pg_error(&self, e: tokio_postgres::Error) -> StoreError {
+        if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) {
+            return StoreError::Misconfigured(format!(
+                "the table {} does not exist: call PostgresStore::create_schema() once (it is idempotent)",
+                self.shared.table
+            ));
+        }
+        StoreError::unavailable(e)
+    }
+
+    /// Runs one operation's statements on `client`, bounded by the operation timeout. A
+    /// connection that did not answer in time is closed, not returned to the pool.
+    async fn bounded<T>(
+        &self,
+        client: deadpool_postgres::Client,
+        work: impl AsyncFnOnce(&deadpool_postgres::Client) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let timeout = self.shared.op_timeout;
+        let outcome = tokio::time::timeout(timeout, work(&client)).await;
+        match outcome {
+            Ok(result) => result,
+            Err(_) => {
+                drop(deadpool_postgres::Object::take(client));
+                Err(StoreError::Timeout(timeout))
+            }
+        }
+    }
+}
+
+/// How many failed requests a lease wait tolerates (asking again as the same owner).
+const LEASE_ERRORS_TOLERATED: u32 = 3;
+
+/// `at + ttl`, clamped: never panics.
+fn deadline_from(at: Instant, ttl: Duration) -> Instant {
+    at.checked_add(ttl)
+        .unwrap_or_else(|| super::deadline_after(ttl))
 }
 
 fn check_key(key: &str) -> Result<(), StoreError> {
@@ -305,14 +408,18 @@ impl TokenStore for PostgresStore {
     async fn load(&self, key: &str) -> Result<Option<Versioned<TokenSet>>, StoreError> {
         check_key(key)?;
         let client = self.client().await?;
-        let statement = client
-            .prepare_cached(&self.shared.sql.load)
-            .await
-            .map_err(StoreError::unavailable)?;
-        let row = client
-            .query_opt(&statement, &[&key])
-            .await
-            .map_err(StoreError::unavailable)?;
+        let row = self
+            .bounded(client, async |client| {
+                let statement = client
+                    .prepare_cached(&self.shared.sql.load)
+                    .await
+                    .map_err(|e| self.pg_error(e))?;
+                client
+                    .query_opt(&statement, &[&key])
+                    .await
+                    .map_err(|e| self.pg_error(e))
+            })
+            .await?;
         let Some(row) = row else { return Ok(None) };
         let version: i64 = row.try_get(0).map_err(StoreError::unavailable)?;
         let body: String = row.try_get(1).map_err(StoreError::unavailable)?;
@@ -334,74 +441,94 @@ impl TokenStore for PostgresStore {
         lease: &Lease,
     ) -> Result<u64, StoreError> {
         check_key(key)?;
-        let Some(held) = lease
-            .guard()
-            .and_then(|g| (g as &dyn std::any::Any).downcast_ref::<PostgresLease>())
-            .filter(|held| held.key == key && held.shared.table == self.shared.table)
-        else {
-            return Err(StoreError::LeaseLost);
-        };
-        let version = expected.map_or(1, |v| v + 1);
-        let body =
-            String::from_utf8(encode(token, version)).expect("serde_json always writes UTF-8");
+        let held = held_lease(lease, key, &self.shared)?;
+        let version = expected.map_or(1, |v| v.saturating_add(1));
+        let body = String::from_utf8(encode(token, version))
+            .map_err(|_| StoreError::unavailable(InvalidConfig("a record that is not UTF-8")))?;
         let expected_db = expected.map(to_db).transpose()?;
         let (version_db, fencing_db) = (to_db(version)?, to_db(held.fencing)?);
         let client = self.client().await?;
-        let statement = client
-            .prepare_cached(&self.shared.sql.save)
-            .await
-            .map_err(StoreError::unavailable)?;
-        let written = client
-            .execute(
-                &statement,
-                &[
-                    &key,
-                    &held.owner,
-                    &fencing_db,
-                    &version_db,
-                    &body,
-                    &expected_db,
-                ],
-            )
-            .await
-            .map_err(StoreError::unavailable)?;
-        if written == 1 {
-            return Ok(version);
-        }
-        // Nothing was written: say why. The lease is checked first, as the write did.
-        let statement = client
-            .prepare_cached(&self.shared.sql.lease_held)
-            .await
-            .map_err(StoreError::unavailable)?;
-        let held_now: Option<bool> = client
-            .query_opt(&statement, &[&key, &held.owner, &fencing_db])
-            .await
-            .map_err(StoreError::unavailable)?
-            .and_then(|row| row.get(0));
-        if held_now == Some(true) {
-            Err(StoreError::Conflict)
-        } else {
-            Err(StoreError::LeaseLost)
-        }
+        self.bounded(client, async |client| {
+            let statement = client
+                .prepare_cached(&self.shared.sql.save)
+                .await
+                .map_err(|e| self.pg_error(e))?;
+            let written = client
+                .execute(
+                    &statement,
+                    &[
+                        &key,
+                        &held.owner,
+                        &fencing_db,
+                        &version_db,
+                        &body,
+                        &expected_db,
+                    ],
+                )
+                .await
+                .map_err(|e| self.pg_error(e))?;
+            if written == 1 {
+                return Ok(version);
+            }
+            // Nothing was written: say why. The lease is checked first, as the write did.
+            let statement = client
+                .prepare_cached(&self.shared.sql.lease_held)
+                .await
+                .map_err(|e| self.pg_error(e))?;
+            let held_now: Option<bool> = client
+                .query_opt(&statement, &[&key, &held.owner, &fencing_db])
+                .await
+                .map_err(|e| self.pg_error(e))?
+                .and_then(|row| row.get(0));
+            if held_now == Some(true) {
+                Err(StoreError::Conflict)
+            } else {
+                Err(StoreError::LeaseLost)
+            }
+        })
+        .await
     }
 
     async fn lease(&self, key: &str, ttl: Duration) -> Result<Lease, StoreError> {
         check_key(key)?;
         let owner = format!("{:032x}", rand::random::<u128>());
         let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1);
-        let client = self.client().await?;
-        let statement = client
-            .prepare_cached(&self.shared.sql.lease)
-            .await
-            .map_err(StoreError::unavailable)?;
-        let (client, statement, owner) = (&client, &statement, &owner);
-        poll_lease(key, ttl, || async move {
+        let errors = std::sync::atomic::AtomicU32::new(0);
+        let (owner_ref, errors_ref) = (&owner, &errors);
+        // A connection per attempt: a waiting taker never holds one of the pool's
+        // connections while the holder needs it to save.
+        let taken = poll_lease(key, ttl, || async move {
             // Taken before asking: the lease surely ends no later than this plus ttl.
             let asked_at = Instant::now();
-            let row = client
-                .query_opt(statement, &[&key, owner, &ttl_ms])
+            let attempt = async {
+                let client = self.client().await?;
+                self.bounded(client, async |client| {
+                    let statement = client
+                        .prepare_cached(&self.shared.sql.lease)
+                        .await
+                        .map_err(|e| self.pg_error(e))?;
+                    client
+                        .query_opt(&statement, &[&key, owner_ref, &ttl_ms])
+                        .await
+                        .map_err(|e| self.pg_error(e))
+                })
                 .await
-                .map_err(StoreError::unavailable)?;
+            };
+            let row = match attempt.await {
+                Ok(row) => row,
+                // The grant may have happened with its answer lost: ask again as the same
+                // owner (the upsert is idempotent for it), a few times.
+                Err(e)
+                    if e.is_transient()
+                        && errors_ref.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+                            < LEASE_ERRORS_TOLERATED =>
+                {
+                    tracing::debug!(error = %e, "asking for the PostgreSQL lease failed; asking again");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    return Ok(None);
+                }
+                Err(e) => return Err(e),
+            };
             // No row: another holder has the lease.
             let Some(row) = row else {
                 return Ok(None);
@@ -410,18 +537,84 @@ impl TokenStore for PostgresStore {
             let fencing = u64::try_from(fencing).unwrap_or(0);
             Ok(Some(Lease::new(
                 fencing,
-                Some(asked_at + ttl),
+                Some(deadline_from(asked_at, ttl)),
                 PostgresLease {
                     pool: self.pool.clone(),
                     shared: Arc::clone(&self.shared),
                     key: key.to_owned(),
-                    owner: owner.clone(),
+                    owner: owner_ref.clone(),
                     fencing,
                 },
             )))
         })
-        .await
+        .await;
+        if taken.is_err() && errors.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            // A grant whose answer was lost would block every taker until it expires:
+            // free it as soon as the database answers again.
+            let (store, key) = (self.clone(), key.to_owned());
+            tokio::spawn(async move {
+                let freed = async {
+                    let client = store.client().await?;
+                    store
+                        .bounded(client, async |client| {
+                            let statement = client
+                                .prepare_cached(&store.shared.sql.release_owner)
+                                .await
+                                .map_err(|e| store.pg_error(e))?;
+                            client
+                                .execute(&statement, &[&key, &owner])
+                                .await
+                                .map_err(|e| store.pg_error(e))
+                        })
+                        .await
+                };
+                if let Err(e) = freed.await {
+                    tracing::debug!(error = %e, "could not free a PostgreSQL lease whose grant was lost; it will expire");
+                }
+            });
+        }
+        taken
     }
+
+    async fn renew(&self, key: &str, lease: &Lease, ttl: Duration) -> Result<(), StoreError> {
+        check_key(key)?;
+        let held = held_lease(lease, key, &self.shared)?;
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1);
+        let fencing_db = to_db(held.fencing)?;
+        let asked_at = Instant::now();
+        let client = self.client().await?;
+        let renewed = self
+            .bounded(client, async |client| {
+                let statement = client
+                    .prepare_cached(&self.shared.sql.renew)
+                    .await
+                    .map_err(|e| self.pg_error(e))?;
+                client
+                    .execute(&statement, &[&key, &held.owner, &fencing_db, &ttl_ms])
+                    .await
+                    .map_err(|e| self.pg_error(e))
+            })
+            .await?;
+        if renewed == 1 {
+            lease.set_expires_at(deadline_from(asked_at, ttl));
+            Ok(())
+        } else {
+            Err(StoreError::LeaseLost)
+        }
+    }
+}
+
+/// The PostgreSQL lease behind `lease`, if it is this store's lease on `key`.
+fn held_lease<'l>(
+    lease: &'l Lease,
+    key: &str,
+    shared: &Shared,
+) -> Result<&'l PostgresLease, StoreError> {
+    lease
+        .guard()
+        .and_then(|g| (g as &dyn std::any::Any).downcast_ref::<PostgresLease>())
+        .filter(|held| held.key == key && held.shared.table == shared.table)
+        .ok_or(StoreError::LeaseLost)
 }
 
 /// A held lease row, cleared on release; otherwise it expires.
@@ -445,16 +638,22 @@ impl fmt::Debug for PostgresLease {
 #[async_trait]
 impl LeaseRelease for PostgresLease {
     async fn release(self: Box<Self>) -> Result<(), StoreError> {
-        let client = self.pool.get().await.map_err(StoreError::unavailable)?;
-        let statement = client
-            .prepare_cached(&self.shared.sql.release)
+        let timeout = self.shared.op_timeout;
+        let work = async {
+            let client = self.pool.get().await.map_err(StoreError::unavailable)?;
+            let statement = client
+                .prepare_cached(&self.shared.sql.release)
+                .await
+                .map_err(StoreError::unavailable)?;
+            client
+                .execute(&statement, &[&self.key, &self.owner, &to_db(self.fencing)?])
+                .await
+                .map_err(StoreError::unavailable)?;
+            Ok(())
+        };
+        tokio::time::timeout(timeout, work)
             .await
-            .map_err(StoreError::unavailable)?;
-        client
-            .execute(&statement, &[&self.key, &self.owner, &to_db(self.fencing)?])
-            .await
-            .map_err(StoreError::unavailable)?;
-        Ok(())
+            .unwrap_or(Err(StoreError::Timeout(timeout)))
     }
 }
 

@@ -14,10 +14,21 @@
 //! # Leases and fencing
 //!
 //! A lease is taken by one Lua script that `INCR`s the key's fencing counter and sets the
-//! lease key to `<owner>:<fencing>` with `SET NX PX ttl` (the owner is 128 random bits per
-//! lease): Redis expires it `ttl` after the grant, so a holder that dies releases it by
-//! expiry. A waiting taker polls every few milliseconds for up to `ttl`, then gives up
-//! with [`StoreError::LeaseTimeout`].
+//! lease key to `<owner>:<fencing>` with a `PX ttl` expiry, if no other owner holds it (the
+//! owner is 128 random bits per lease): Redis expires it `ttl` after the grant, so a
+//! holder that dies releases it by expiry. A waiting taker polls every few milliseconds
+//! for up to `ttl`, then gives up with [`StoreError::LeaseTimeout`]. The grant is
+//! idempotent for its owner: when a request fails (its answer may be lost), the taker
+//! asks again as the same owner and gets the lease it was already granted; if it gives
+//! up, it frees any grant made to it as soon as the server answers. A holder renews its
+//! lease with a Lua compare-and-`PEXPIRE` ([`TokenStore::renew`]).
+//!
+//! # Durability
+//!
+//! A key Redis loses (a restart without persistence, an eviction) can make the refresh
+//! protocol present a refresh token the provider already saw. Run Redis with
+//! `appendonly yes` and `maxmemory-policy noeviction`; [`RedisStore::connect`] reads the
+//! server's configuration and warns when it can lose keys.
 //!
 //! A save is one Lua script that writes only if the lease key still holds this lease's
 //! `<owner>:<fencing>` (otherwise [`StoreError::LeaseLost`]: the lease expired, and maybe a
@@ -45,14 +56,40 @@ use crate::token::TokenSet;
 
 /// Takes the lease: `KEYS[1]` lease key, `KEYS[2]` fencing counter; `ARGV[1]` owner,
 /// `ARGV[2]` ttl in ms. Returns the fencing number, or -1 and the lease's remaining
-/// milliseconds when it is held.
+/// milliseconds when another owner holds it. Idempotent for one owner: a retry after a
+/// lost answer gets the lease it was already granted (its expiry reset to the ttl).
 const ACQUIRE: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 1 then
+local current = redis.call('GET', KEYS[1])
+if current then
+  local prefix = ARGV[1] .. ':'
+  if string.sub(current, 1, #prefix) == prefix then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    return {tonumber(string.sub(current, #prefix + 1)), 0}
+  end
   return {-1, redis.call('PTTL', KEYS[1])}
 end
 local fencing = redis.call('INCR', KEYS[2])
-redis.call('SET', KEYS[1], ARGV[1] .. ':' .. fencing, 'NX', 'PX', ARGV[2])
+redis.call('SET', KEYS[1], ARGV[1] .. ':' .. fencing, 'PX', ARGV[2])
 return {fencing, 0}
+";
+
+/// Extends a held lease: `KEYS[1]` lease key; `ARGV[1]` `<owner>:<fencing>`, `ARGV[2]`
+/// ttl in ms. Returns 1, or 0 when the lease is no longer this one.
+const RENEW: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+";
+
+/// Frees a lease granted to `ARGV[1]` (an owner) whose grant never reached it:
+/// `KEYS[1]` lease key.
+const RELEASE_OWNER: &str = r"
+local current = redis.call('GET', KEYS[1])
+if current and string.sub(current, 1, #ARGV[1] + 1) == ARGV[1] .. ':' then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
 ";
 
 /// Compare-and-delete: `KEYS[1]` lease key; `ARGV[1]` `<owner>:<fencing>`.
@@ -107,6 +144,8 @@ pub struct RedisStore {
 struct Scripts {
     acquire: Script,
     release: Script,
+    release_owner: Script,
+    renew: Script,
     save: Script,
 }
 
@@ -155,12 +194,13 @@ struct InvalidUrl(String);
 impl RedisStore {
     /// Connects to the Redis server at `url` (`redis://[user[:password]@]host[:port][/db]`;
     /// `rediss://` needs a TLS feature of the `redis` crate that this crate does not
-    /// enable). Fails with [`StoreError::Unavailable`] if the server cannot be reached.
+    /// enable). Fails with [`StoreError::Misconfigured`] for a URL it cannot use, and
+    /// [`StoreError::Unavailable`] if the server cannot be reached.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let redacted_url = redact(url);
         let client = redis::Client::open(url).map_err(|e| {
             // The redis error may quote the URL: describe it by kind only.
-            StoreError::unavailable(InvalidUrl(format!("{:?}", e.kind())))
+            StoreError::Misconfigured(InvalidUrl(format!("{:?}", e.kind())).to_string())
         })?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(5)))
@@ -178,9 +218,49 @@ impl RedisStore {
             scripts: Arc::new(Scripts {
                 acquire: Script::new(ACQUIRE),
                 release: Script::new(RELEASE),
+                release_owner: Script::new(RELEASE_OWNER),
+                renew: Script::new(RENEW),
                 save: Script::new(SAVE),
             }),
-        })
+        }
+        .checked_for_durability()
+        .await)
+    }
+
+    /// Warns (once, at connect) when the server can lose keys: a restart without an
+    /// append-only file or snapshots, or an eviction policy that may evict keys without
+    /// an expiry (`allkeys-*`). A lost key makes every source that knew it restore its
+    /// newest set, and one that never did present its initial refresh token, which the
+    /// provider may have seen already. Servers that forbid `CONFIG GET` (many managed
+    /// ones) are not checked.
+    async fn checked_for_durability(self) -> Self {
+        let mut connection = self.connection.clone();
+        let config: Result<Vec<String>, _> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("appendonly")
+            .arg("save")
+            .arg("maxmemory-policy")
+            .query_async(&mut connection)
+            .await;
+        let Ok(config) = config else {
+            tracing::debug!(url = %self.redacted_url, "cannot read the Redis configuration; durability not checked");
+            return self;
+        };
+        let value = |name: &str| {
+            config
+                .chunks(2)
+                .find(|pair| pair.first().is_some_and(|k| k == name))
+                .and_then(|pair| pair.get(1))
+                .map(String::as_str)
+        };
+        for warning in durability_warnings(
+            value("appendonly"),
+            value("save"),
+            value("maxmemory-policy"),
+        ) {
+            tracing::warn!(url = %self.redacted_url, "{warning}");
+        }
+        self
     }
 
     /// Prefixes every Redis key this store uses with `prefix` (default `"tokenkeeper:"`).
@@ -294,37 +374,129 @@ impl TokenStore for RedisStore {
         let fencing_key = self.fencing_key(key);
         let owner = format!("{:032x}", rand::random::<u128>());
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-        let (lease_key, fencing_key, owner) = (&lease_key, &fencing_key, &owner);
-        poll_lease(key, ttl, || async move {
+        let errors = std::sync::atomic::AtomicU32::new(0);
+        let (lease_key_ref, fencing_key_ref, owner_ref, errors_ref) =
+            (&lease_key, &fencing_key, &owner, &errors);
+        let taken = poll_lease(key, ttl, || async move {
             let mut connection = self.connection.clone();
             // Taken before asking: the lease surely ends no later than this plus ttl.
             let asked_at = Instant::now();
-            let (fencing, _remaining_ms): (i64, i64) = self
+            let answer: Result<(i64, i64), _> = self
                 .scripts
                 .acquire
-                .key(lease_key)
-                .key(fencing_key)
-                .arg(owner)
+                .key(lease_key_ref)
+                .key(fencing_key_ref)
+                .arg(owner_ref)
                 .arg(ttl_ms)
                 .invoke_async(&mut connection)
-                .await
-                .map_err(StoreError::unavailable)?;
+                .await;
+            let (fencing, _remaining_ms) = match answer {
+                Ok(answer) => answer,
+                // The grant may have happened with its answer lost: ask again as the same
+                // owner (the script is idempotent), a few times.
+                Err(e)
+                    if errors_ref.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+                        < LEASE_ERRORS_TOLERATED =>
+                {
+                    tracing::debug!(error = %e, "asking for the Redis lease failed; asking again");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    return Ok(None);
+                }
+                Err(e) => return Err(StoreError::unavailable(e)),
+            };
             // A negative fencing number means another holder has the lease.
             Ok(u64::try_from(fencing).ok().map(|fencing| {
                 Lease::new(
                     fencing,
-                    Some(asked_at + ttl),
+                    Some(deadline_from(asked_at, ttl)),
                     RedisLease {
                         connection,
                         scripts: Arc::clone(&self.scripts),
-                        lease_key: lease_key.clone(),
-                        value: format!("{owner}:{fencing}"),
+                        lease_key: lease_key_ref.clone(),
+                        value: format!("{owner_ref}:{fencing}"),
                     },
                 )
             }))
         })
-        .await
+        .await;
+        if taken.is_err() && errors.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            // A grant whose answer was lost would block every taker until it expires:
+            // free it as soon as the server answers again.
+            let (mut connection, scripts) = (self.connection.clone(), Arc::clone(&self.scripts));
+            tokio::spawn(async move {
+                let freed: Result<i64, _> = scripts
+                    .release_owner
+                    .key(&lease_key)
+                    .arg(&owner)
+                    .invoke_async(&mut connection)
+                    .await;
+                if let Err(e) = freed {
+                    tracing::debug!(error = %e, "could not free a Redis lease whose grant was lost; it will expire");
+                }
+            });
+        }
+        taken
     }
+
+    async fn renew(&self, _key: &str, lease: &Lease, ttl: Duration) -> Result<(), StoreError> {
+        let Some(held) = lease
+            .guard()
+            .and_then(|g| (g as &dyn std::any::Any).downcast_ref::<RedisLease>())
+        else {
+            return Err(StoreError::LeaseLost);
+        };
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let asked_at = Instant::now();
+        let mut connection = self.connection.clone();
+        let renewed: i64 = self
+            .scripts
+            .renew
+            .key(&held.lease_key)
+            .arg(&held.value)
+            .arg(ttl_ms)
+            .invoke_async(&mut connection)
+            .await
+            .map_err(StoreError::unavailable)?;
+        if renewed == 1 {
+            lease.set_expires_at(deadline_from(asked_at, ttl));
+            Ok(())
+        } else {
+            Err(StoreError::LeaseLost)
+        }
+    }
+}
+
+/// How many failed requests a lease wait tolerates (asking again as the same owner).
+const LEASE_ERRORS_TOLERATED: u32 = 3;
+
+/// `at + ttl`, clamped: never panics.
+fn deadline_from(at: Instant, ttl: Duration) -> Instant {
+    at.checked_add(ttl)
+        .unwrap_or_else(|| super::deadline_after(ttl))
+}
+
+/// What can make this Redis server lose a key, from its `CONFIG GET` answers.
+fn durability_warnings(
+    appendonly: Option<&str>,
+    save: Option<&str>,
+    maxmemory_policy: Option<&str>,
+) -> Vec<&'static str> {
+    let mut warnings = Vec::new();
+    if appendonly == Some("no") && save.is_some_and(|s| s.trim().is_empty()) {
+        warnings.push(
+            "this Redis server keeps nothing on disk (appendonly no, no snapshots): a restart loses every stored grant. Use appendonly yes (appendfsync everysec or always)",
+        );
+    } else if appendonly == Some("no") {
+        warnings.push(
+            "this Redis server persists by snapshots only: a crash loses the rotations since the last snapshot. Use appendonly yes",
+        );
+    }
+    if maxmemory_policy.is_some_and(|p| p.starts_with("allkeys")) {
+        warnings.push(
+            "this Redis server may evict any key under memory pressure (maxmemory-policy allkeys-*): stored grants can vanish. Use noeviction (or a volatile-* policy: token keys have no expiry)",
+        );
+    }
+    warnings
 }
 
 /// A held Redis lease, released by compare-and-delete; otherwise it expires.
@@ -364,6 +536,26 @@ impl LeaseRelease for RedisLease {
 #[cfg(test)]
 mod tests {
     use super::redact;
+
+    #[test]
+    fn servers_that_can_lose_keys_are_named() {
+        use super::durability_warnings;
+        assert_eq!(
+            durability_warnings(Some("no"), Some(""), Some("noeviction")).len(),
+            1
+        );
+        assert_eq!(
+            durability_warnings(Some("no"), Some("3600 1"), Some("noeviction")).len(),
+            1
+        );
+        assert_eq!(
+            durability_warnings(Some("yes"), Some(""), Some("allkeys-lru")).len(),
+            1
+        );
+        assert!(durability_warnings(Some("yes"), Some(""), Some("noeviction")).is_empty());
+        assert!(durability_warnings(Some("yes"), Some(""), Some("volatile-lru")).is_empty());
+        assert!(durability_warnings(None, None, None).is_empty());
+    }
 
     #[test]
     fn passwords_never_reach_debug() {

@@ -1,6 +1,8 @@
 //! Test support (feature `testing`): a provider simulator for examples, this crate's tests
 //! and your own integration tests. No credentials, no network beyond loopback.
 
+mod faults;
 mod simulator;
 
+pub use faults::{FaultCounts, FaultyStore, StoreFault, StoreOp};
 pub use simulator::{Counters, Fault, Mode, Simulator, SimulatorBuilder};

@@ -1,0 +1,634 @@
+//! The refresh protocol, step by step: the one place where a refresh token is presented.
+//! ARCHITECTURE.md describes it with the reasons; the steps are numbered the same here.
+//!
+//! 0. Read the store without the lease; adopt a fresh set another process saved.
+//! 1. Take the store's lease for the key; it is renewed while this source works under it.
+//! 2. Read the store again under the lease. First settle a rotated set this source failed
+//!    to save earlier (save it over the version its save expected, find it already
+//!    stored, or drop it because something newer is stored). Adopt a fresh set. If the
+//!    key is missing, restore the newest set this source knew, or seed the initial
+//!    refresh token if it never knew one.
+//! 3. If another holder's write-ahead record is on the set, that holder may be presenting
+//!    the refresh token, alive, with the successor in memory: wait for it (a transient
+//!    error), unless its lease was a lock its death released, or it has been gone for
+//!    [`Builder::abandoned_rotation_after`](crate::Builder::abandoned_rotation_after).
+//! 4. Write this source's write-ahead record on the set (compare-and-swap).
+//! 5. Present the refresh token, if the lease outlasts the request.
+//! 6. On success: keep the rotated set in memory first, save it (compare-and-swap over
+//!    the write-ahead version), publish it. If the save fails, publish anyway, and keep
+//!    the key locked while retrying the save ([`Inner::persist`]).
+//! 7. On `invalid_grant`: reload; adopt or retry once with a token another writer
+//!    rotated; otherwise mark the set rejected: a person must re-authorize.
+//! 8. On any other failure: no successor exists anywhere, so remove the write-ahead
+//!    record, keep every token, and back off from the provider.
+
+use std::time::Duration as StdDuration;
+
+use time::{Duration, OffsetDateTime};
+
+use crate::error::{Error, ReauthorizationReason, TransientKind};
+use crate::http::RefreshFailure;
+use crate::lease::HeldLease;
+use crate::provider::{ProviderProfile, TokenResponse};
+use crate::refresh::{Inner, Job, Outcome, Reason, Unsaved, keep_alive_at};
+use crate::retry::store_step;
+use crate::secret::AccessToken;
+use crate::store::{StoreError, Versioned};
+use crate::token::{Freshness, RotationInFlight, TokenSet, absolute_expiry, add_clamped};
+
+/// A store lease failure as the caller sees it: a busy lease is transient and says so.
+pub(crate) fn lease_error(e: StoreError) -> Error {
+    match e {
+        StoreError::LeaseTimeout { .. } => Error::Transient {
+            kind: TransientKind::LeaseBusy,
+            retry_after: None,
+            source: Some(std::sync::Arc::new(e)),
+        },
+        e => Error::Storage(e),
+    }
+}
+
+/// Whether an error came from the store side (the store, its lease, another holder's
+/// rotation, a panicked task) rather than from the provider: those are spaced briefly and
+/// never start the provider's backoff.
+pub(crate) fn is_store_side(e: &Error) -> bool {
+    match e {
+        Error::Storage(_) => true,
+        Error::Transient {
+            kind: TransientKind::LeaseBusy | TransientKind::RotationInFlight,
+            ..
+        } => true,
+        Error::Transient {
+            kind: TransientKind::Interrupted,
+            source: Some(source),
+            ..
+        } => source.is::<crate::refresh::Panicked>(),
+        _ => false,
+    }
+}
+
+/// How a rotated set that failed to save relates to what the store holds now.
+enum Reconciled {
+    /// The store holds it: the failed save had in fact landed.
+    AlreadySaved(u64),
+    /// The store still holds the version its save expected: write it there.
+    Save(Option<u64>),
+    /// Something else was written since (a re-import, another holder that adopted the
+    /// set and rotated further): the unsaved set is older than the store's. Drop it.
+    Superseded,
+}
+
+fn reconcile(unsaved: &Unsaved, stored: Option<&Versioned<TokenSet>>) -> Reconciled {
+    match stored {
+        Some(stored)
+            if stored.value.refresh_token == unsaved.set.refresh_token
+                && stored.value.access_token == unsaved.set.access_token
+                && stored.value.rotation.is_none() =>
+        {
+            Reconciled::AlreadySaved(stored.version)
+        }
+        Some(stored) if Some(stored.version) == unsaved.expected => {
+            Reconciled::Save(Some(stored.version))
+        }
+        Some(_) => Reconciled::Superseded,
+        // The key vanished (a store that lost data): this set is the newest there is.
+        None => Reconciled::Save(None),
+    }
+}
+
+impl Inner {
+    /// Runs one flight's job. Returns the outcome for the waiters and, when a rotated set
+    /// is left unsaved, the lease still held for [`Inner::persist`].
+    pub(crate) async fn run(self: &std::sync::Arc<Self>, job: Job) -> (Outcome, Option<HeldLease>) {
+        match job {
+            Job::Look { fallback } => match self.look(fallback).await {
+                Ok(Some(token)) => (Ok(token), None),
+                Ok(None) => self.refresh(Reason::AccessToken).await,
+                Err(e) => (Err(e), None),
+            },
+            Job::Refresh(reason) => {
+                // Step 0: adopt without the lease what another process saved.
+                match self.look_for_fresh(reason).await {
+                    Ok(Some(token)) => return (Ok(token), None),
+                    Ok(None) => {}
+                    Err(e) => return (Err(e), None),
+                }
+                self.refresh(reason).await
+            }
+        }
+    }
+
+    /// Reads the store without the lease and adopts a fresh set.
+    async fn look_for_fresh(&self, reason: Reason) -> Result<Option<AccessToken>, Error> {
+        if self.state().unsaved.is_some() {
+            // Our own rotated set is newer than anything stored: settle it under the lease.
+            return Ok(None);
+        }
+        let stored = self.unleased(self.store.load(&self.key)).await?;
+        self.state().last_look = Some(self.now());
+        Ok(stored.and_then(|stored| {
+            self.remember(&stored.value);
+            self.adoptable(&stored.value, reason)
+        }))
+    }
+
+    /// A flight that only looks at the store: adopts a fresh set (`Ok(Some)`), or finds a
+    /// dead grant re-imported (`Ok(None)`: go on and refresh); otherwise `fallback`.
+    async fn look(&self, fallback: Error) -> Result<Option<AccessToken>, Error> {
+        let now = self.now();
+        if let Some(dead) = &mut self.state().dead {
+            dead.checked_at = now;
+        }
+        let stored = match self.unleased(self.store.load(&self.key)).await {
+            Ok(stored) => stored,
+            // The fallback is what callers act on; the store's trouble is logged.
+            Err(e) => {
+                tracing::debug!(key = %self.key, error = %e, "looking at the store failed");
+                return Err(fallback);
+            }
+        };
+        self.state().last_look = Some(now);
+        let Some(stored) = stored else {
+            return Err(fallback);
+        };
+        if let Some(token) = self.adoptable(&stored.value, Reason::AccessToken) {
+            let mut state = self.state();
+            state.dead = None;
+            drop(state);
+            self.remember(&stored.value);
+            return Ok(Some(token));
+        }
+        let mut state = self.state();
+        let reimported = state.dead.as_ref().is_some_and(|dead| {
+            stored.value.rejected_at.is_none()
+                && stored.value.refresh_token.is_some()
+                && stored.value.refresh_token != dead.refresh_token
+        });
+        if reimported {
+            tracing::info!(key = %self.key, "the store holds a new grant; refreshing with it");
+            state.dead = None;
+            state.last_error = None;
+            return Ok(None);
+        }
+        Err(fallback)
+    }
+
+    /// Steps 1 to 8, under the lease. Returns the lease when a rotated set is left unsaved.
+    async fn refresh(self: &std::sync::Arc<Self>, reason: Reason) -> (Outcome, Option<HeldLease>) {
+        // Step 1.
+        let held = match self.acquire().await {
+            Ok(held) => held,
+            Err(e) => return (Err(e), None),
+        };
+        // A panic under the lease must not release it while a rotated set is unsaved.
+        let outcome = std::panic::AssertUnwindSafe(self.under_lease(&held, reason));
+        let outcome = match futures_util::FutureExt::catch_unwind(outcome).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(Error::Transient {
+                kind: TransientKind::Interrupted,
+                retry_after: None,
+                source: Some(std::sync::Arc::new(crate::refresh::Panicked)),
+            }),
+        };
+        if self.state().unsaved.is_some() {
+            return (outcome, Some(held));
+        }
+        held.release().await;
+        (outcome, None)
+    }
+
+    async fn under_lease(&self, held: &HeldLease, reason: Reason) -> Outcome {
+        // Step 2.
+        let stored = held.op(self.store.load(&self.key)).await?;
+        let (mut current, mut version) = self.current(held, stored).await?;
+        if let Some(token) = self.adoptable(&current, reason) {
+            return Ok(token);
+        }
+        let mut retried_rotated = false;
+        loop {
+            if current.rejected_at.is_some() {
+                return Err(Error::ReauthorizationRequired {
+                    reason: ReauthorizationReason::PreviouslyRejected,
+                    provider: None,
+                });
+            }
+            let Some(refresh_token) = current.refresh_token.clone() else {
+                return Err(Error::ReauthorizationRequired {
+                    reason: ReauthorizationReason::NoRefreshToken,
+                    provider: None,
+                });
+            };
+
+            // Step 3: another holder's refresh in flight.
+            if let Some(rotation) = current.rotation.as_ref().filter(|r| r.holder != self.id) {
+                self.may_take_over(held, rotation)?;
+            }
+
+            // Step 4: the write-ahead record.
+            if current
+                .rotation
+                .as_ref()
+                .is_none_or(|r| r.holder != self.id)
+            {
+                let mut marked = current.clone();
+                marked.rotation = Some(RotationInFlight::new(&self.id, self.clock.now()));
+                let saved = held
+                    .op(self.store.save(&self.key, &marked, version, held.lease()))
+                    .await?;
+                current = marked;
+                version = Some(saved);
+            }
+
+            // Step 5: present the refresh token, if the lease outlasts the request.
+            let timeout = self.endpoint.profile().request_timeout;
+            if held.remaining().is_some_and(|left| left <= timeout) {
+                held.renew().await;
+            }
+            if held.is_lost() || held.remaining().is_some_and(|left| left <= timeout) {
+                return Err(Error::transient(TransientKind::LeaseBusy, None));
+            }
+            let forced = {
+                let mut state = self.state();
+                let forced = state.rejected_access.is_some();
+                if forced {
+                    state.last_forced_refresh = Some(self.now());
+                }
+                forced
+            };
+            let sent_at = self.clock.now();
+            tracing::debug!(key = %self.key, provider = %self.endpoint.profile().name, forced, "refreshing");
+            let answer = held
+                .during(self.endpoint.refresh(&refresh_token, sent_at))
+                .await;
+            match answer {
+                // Step 6.
+                Ok(response) => {
+                    let next = merge(
+                        self.endpoint.profile(),
+                        &current,
+                        response,
+                        sent_at,
+                        self.clock.now(),
+                    );
+                    return self.save_rotated(held, next, version).await;
+                }
+                // Step 7.
+                Err(RefreshFailure::InvalidGrant(provider)) => {
+                    let reloaded = held.op(self.store.load(&self.key)).await?;
+                    if let Some(stored) = reloaded {
+                        let rotated = stored.value.refresh_token.is_some()
+                            && stored.value.refresh_token.as_ref() != Some(&refresh_token);
+                        if rotated {
+                            tracing::info!(key = %self.key, "refresh token was rotated by another writer; adopting it");
+                            self.state().metrics.rotations_adopted += 1;
+                            if let Some(token) = self.adoptable(&stored.value, reason) {
+                                return Ok(token);
+                            }
+                            if !retried_rotated {
+                                retried_rotated = true;
+                                current = stored.value;
+                                version = Some(stored.version);
+                                continue;
+                            }
+                        }
+                    }
+                    tracing::error!(key = %self.key, "the provider rejected the refresh token: re-authorization required");
+                    let mut dead = current;
+                    dead.rejected_at = Some(self.clock.now());
+                    dead.rotation = None;
+                    if let Err(e) = held
+                        .op(self.store.save(&self.key, &dead, version, held.lease()))
+                        .await
+                    {
+                        tracing::warn!(key = %self.key, error = %e, "could not mark the rejected token set in the store");
+                    }
+                    self.remember(&dead);
+                    return Err(Error::ReauthorizationRequired {
+                        reason: ReauthorizationReason::RefreshTokenRejected,
+                        provider,
+                    });
+                }
+                // Step 8: nothing is discarded; the caller decides from the error.
+                Err(RefreshFailure::Other(mut e)) => {
+                    tracing::warn!(key = %self.key, error = %e, "refresh failed; tokens kept");
+                    self.provider_failed(&mut e);
+                    let mut cleared = current;
+                    cleared.rotation = None;
+                    if let Err(store_error) = held
+                        .op(self.store.save(&self.key, &cleared, version, held.lease()))
+                        .await
+                    {
+                        tracing::debug!(key = %self.key, error = %store_error, "could not remove the write-ahead record; this source's next attempt ignores it");
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Step 2's settling: what the store holds now, with any rotated set this source
+    /// failed to save settled first, a lost key restored, or the initial token seeded.
+    async fn current(
+        &self,
+        held: &HeldLease,
+        stored: Option<Versioned<TokenSet>>,
+    ) -> Result<(TokenSet, Option<u64>), Error> {
+        let unsaved = self.state().unsaved.clone();
+        if let Some(unsaved) = unsaved {
+            match reconcile(&unsaved, stored.as_ref()) {
+                Reconciled::AlreadySaved(version) => {
+                    self.saved(&unsaved.set);
+                    return Ok((unsaved.set, Some(version)));
+                }
+                Reconciled::Save(expected) => {
+                    if expected.is_none() {
+                        tracing::error!(key = %self.key, "the store lost this key; restoring the rotated token set this source holds");
+                    }
+                    let version = held
+                        .op(self
+                            .store
+                            .save(&self.key, &unsaved.set, expected, held.lease()))
+                        .await?;
+                    tracing::info!(key = %self.key, "saved the rotated token set that an earlier save had failed to write");
+                    self.saved(&unsaved.set);
+                    return Ok((unsaved.set, Some(version)));
+                }
+                Reconciled::Superseded => {
+                    tracing::warn!(key = %self.key, "a rotated token set that failed to save was superseded in the store; dropping it");
+                    self.state().unsaved = None;
+                }
+            }
+        }
+        if let Some(stored) = stored {
+            self.remember(&stored.value);
+            return Ok((stored.value, Some(stored.version)));
+        }
+        // The key is missing.
+        let known = self.state().last_known.clone();
+        let seed = match (known, &self.initial_refresh_token) {
+            (Some(known), _) => {
+                tracing::error!(key = %self.key, "the store lost this key (see ARCHITECTURE.md on durable stores); restoring the newest token set this source saw, not the initial refresh token");
+                known
+            }
+            (None, Some(initial)) => {
+                TokenSet::from_refresh_token(initial.clone(), self.clock.now())
+            }
+            (None, None) => {
+                return Err(Error::ReauthorizationRequired {
+                    reason: ReauthorizationReason::NoRefreshToken,
+                    provider: None,
+                });
+            }
+        };
+        let version = held
+            .op(self.store.save(&self.key, &seed, None, held.lease()))
+            .await?;
+        tracing::info!(key = %self.key, "seeded the store before presenting its refresh token");
+        self.remember(&seed);
+        Ok((seed, Some(version)))
+    }
+
+    /// Step 3: whether this source may present a refresh token on which another holder
+    /// left its write-ahead record.
+    fn may_take_over(&self, held: &HeldLease, rotation: &RotationInFlight) -> Result<(), Error> {
+        if !held.expires() {
+            // The store's lease is a lock that lasts as long as its holder: we have it,
+            // so that holder is gone, and with it any successor of the token.
+            tracing::info!(key = %self.key, "the holder that was presenting this refresh token died; presenting it again");
+            return Ok(());
+        }
+        let now = self.now();
+        let mut state = self.state();
+        let first_seen = match &state.foreign_rotation {
+            Some((holder, at)) if *holder == rotation.holder => *at,
+            _ => {
+                state.foreign_rotation = Some((rotation.holder.clone(), now));
+                now
+            }
+        };
+        let waited = now.saturating_duration_since(first_seen);
+        if waited < self.timing.takeover_after {
+            let left = self.timing.takeover_after - waited;
+            tracing::info!(key = %self.key, waited = ?waited, "another holder is presenting this refresh token and may still save its successor; waiting for it");
+            return Err(Error::transient(
+                TransientKind::RotationInFlight,
+                Some(left.min(store_step(u32::MAX))),
+            ));
+        }
+        tracing::warn!(key = %self.key, waited = ?waited, "another holder left a refresh in flight and never saved; presenting its refresh token (if that holder is alive with the successor, the provider may revoke the grant)");
+        state.metrics.takeovers += 1;
+        state.foreign_rotation = None;
+        Ok(())
+    }
+
+    /// Step 6: the rotated set is kept in memory before anything else, saved over the
+    /// write-ahead version, and published. A failed save leaves it in `unsaved`; the
+    /// flight's task then keeps the lease and retries.
+    async fn save_rotated(
+        &self,
+        held: &HeldLease,
+        next: TokenSet,
+        version: Option<u64>,
+    ) -> Outcome {
+        {
+            let mut state = self.state();
+            state.unsaved = Some(Unsaved {
+                set: next.clone(),
+                expected: version,
+            });
+            state.metrics.refreshes += 1;
+            state.last_refresh = Some(next.obtained_at);
+            state.backoff.succeeded();
+            state.rejected_access = None;
+            state.foreign_rotation = None;
+        }
+        match held
+            .op(self.store.save(&self.key, &next, version, held.lease()))
+            .await
+        {
+            Ok(_) => self.saved(&next),
+            Err(e) => {
+                tracing::error!(key = %self.key, error = %e, "the refreshed token set could not be saved; keeping the key locked and retrying");
+                self.state().metrics.failed_saves += 1;
+            }
+        }
+        self.publish(&next).ok_or_else(|| Error::InvalidResponse {
+            reason: "the token response holds no access token".into(),
+        })
+    }
+
+    /// Retries saving the unsaved rotated set until it is saved, found saved, or
+    /// superseded, holding the lease throughout (re-taking it if it was lost), so that no
+    /// other holder presents the refresh token this source consumed. Store faults are
+    /// retried every 100 ms to 1 s.
+    pub(crate) async fn persist(&self, mut held: Option<HeldLease>) {
+        let mut failures = 0u32;
+        loop {
+            let Some(unsaved) = self.state().unsaved.clone() else {
+                break;
+            };
+            if held.as_ref().is_none_or(HeldLease::is_lost) {
+                if let Some(lost) = held.take() {
+                    lost.release().await;
+                }
+                match self.acquire().await {
+                    Ok(lease) => held = Some(lease),
+                    Err(e) => {
+                        tracing::warn!(key = %self.key, error = %e, "could not retake the lease to save the rotated token set");
+                        tokio::time::sleep(store_step(failures)).await;
+                        failures = failures.saturating_add(1);
+                        continue;
+                    }
+                }
+            }
+            let Some(lease) = held.as_ref() else {
+                continue;
+            };
+            let attempt = async {
+                let stored = lease.op(self.store.load(&self.key)).await?;
+                match reconcile(&unsaved, stored.as_ref()) {
+                    Reconciled::AlreadySaved(_) => {
+                        tracing::info!(key = %self.key, "the rotated token set was saved after all");
+                    }
+                    Reconciled::Save(expected) => {
+                        lease
+                            .op(self
+                                .store
+                                .save(&self.key, &unsaved.set, expected, lease.lease()))
+                            .await?;
+                        tracing::info!(key = %self.key, "saved the rotated token set on retry");
+                    }
+                    Reconciled::Superseded => {
+                        tracing::warn!(key = %self.key, "a rotated token set that failed to save was superseded in the store; dropping it");
+                        let mut state = self.state();
+                        if state.unsaved.as_ref().is_some_and(|u| u.set == unsaved.set) {
+                            state.unsaved = None;
+                        }
+                        return Ok(());
+                    }
+                }
+                self.saved(&unsaved.set);
+                Ok::<(), StoreError>(())
+            };
+            match attempt.await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(key = %self.key, error = %e, "saving the rotated token set failed again");
+                    lease.during(tokio::time::sleep(store_step(failures))).await;
+                    failures = failures.saturating_add(1);
+                }
+            }
+        }
+        if let Some(lease) = held {
+            lease.release().await;
+        }
+    }
+
+    /// A set is known saved: forget it as unsaved, remember it as the newest known.
+    fn saved(&self, set: &TokenSet) {
+        let mut state = self.state();
+        if state.unsaved.as_ref().is_some_and(|u| &u.set == set) {
+            state.unsaved = None;
+        }
+        drop(state);
+        self.remember(set);
+    }
+
+    /// Remembers `set` as the newest this source has seen for the key.
+    fn remember(&self, set: &TokenSet) {
+        let mut known = set.clone();
+        known.rotation = None;
+        self.state().last_known = Some(known);
+    }
+
+    /// Records a provider failure in the backoff, and tells the caller when the next
+    /// attempt will be allowed.
+    fn provider_failed(&self, e: &mut Error) {
+        let valid_for = self
+            .cache
+            .load()
+            .as_ref()
+            .filter(|c| c.freshness(self.clock.now()) != Freshness::Expired)
+            .and_then(|c| c.expires_at)
+            .and_then(|at| StdDuration::try_from(at - self.clock.now()).ok());
+        let wait = self.state().backoff.failed(self.now(), e, valid_for);
+        if let Error::Transient { retry_after, .. } = e {
+            *retry_after = Some(wait);
+        }
+    }
+
+    /// Adopts `set` if its access token is fresh, not due for keep-alive, and not one the
+    /// API rejected (unless a forced refresh ran too recently: then the rejection was not
+    /// about expiry, and the token is served again).
+    pub(crate) fn adoptable(&self, set: &TokenSet, reason: Reason) -> Option<AccessToken> {
+        let token = set.access_token.as_ref()?;
+        if set.rejected_at.is_some() {
+            return None;
+        }
+        let now = self.clock.now();
+        let keep_alive_due = keep_alive_at(set).is_some_and(|at| now >= at);
+        if set.freshness(now, self.leeway) != Freshness::Fresh
+            || (reason == Reason::KeepAlive && keep_alive_due)
+        {
+            return None;
+        }
+        let mut state = self.state();
+        if state.rejected_access.as_ref() == Some(token) {
+            if self.forced_refresh_allowed(&state) {
+                return None;
+            }
+            tracing::debug!(key = %self.key, "serving a rejected token again: a forced refresh ran moments ago");
+            state.rejected_access = None;
+        }
+        let current = self.cache.load();
+        if current.as_ref().is_none_or(|c| &c.token != token) {
+            state.metrics.adoptions += 1;
+        }
+        drop(state);
+        self.publish(set)
+    }
+}
+
+/// Step 6's merge: the response over the current set. The old refresh token is kept only
+/// when the response carries none; expiries become absolute instants, anchored at the
+/// send instant. An access token already expired when its answer arrived (the clock
+/// jumped during the request, or the lifetime is shorter than the round trip) gets the
+/// lifetime it was granted from the receipt instead: refreshed on schedule, never on
+/// every call.
+pub(crate) fn merge(
+    profile: &ProviderProfile,
+    current: &TokenSet,
+    response: TokenResponse,
+    sent_at: OffsetDateTime,
+    received_at: OffsetDateTime,
+) -> TokenSet {
+    let default_lifetime = profile
+        .default_access_token_lifetime
+        .and_then(|d| Duration::try_from(d).ok());
+    let expires_at = match absolute_expiry(response.expiry, sent_at, default_lifetime) {
+        Some(at) if at <= received_at => {
+            let granted = at - sent_at;
+            tracing::warn!(expires_at = %at, received_at = %received_at, granted = %granted, "the access token expired before its answer arrived: clock jump or a tiny lifetime? counting its lifetime from the receipt");
+            Some(add_clamped(received_at, granted))
+        }
+        other => other,
+    };
+    let rotated = response.refresh_token.is_some();
+    let refresh_expires_at = match response.refresh_expires_in.filter(|s| *s > 0) {
+        Some(seconds) => Some(add_clamped(sent_at, Duration::seconds(seconds))),
+        None if rotated => profile
+            .refresh_token_lifetime
+            .map(|d| add_clamped(sent_at, Duration::try_from(d).unwrap_or(Duration::MAX))),
+        None => current.refresh_expires_at,
+    };
+    let mut next = TokenSet::new(response.access_token, sent_at);
+    next.refresh_token = response
+        .refresh_token
+        .or_else(|| current.refresh_token.clone());
+    next.token_type = response.token_type;
+    next.expires_at = expires_at;
+    next.refresh_expires_at = refresh_expires_at;
+    next.scopes = response.scopes.unwrap_or_else(|| current.scopes.clone());
+    next.extra = response.extra;
+    next
+}

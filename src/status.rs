@@ -1,0 +1,92 @@
+//! Health and metrics: [`Status`] and [`Metrics`], read by [`RefreshingTokenSource::status`].
+
+use time::{Duration, OffsetDateTime};
+
+use crate::error::Error;
+use crate::refresh::RefreshingTokenSource;
+
+/// Counters since the source was built, for metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Metrics {
+    /// Refresh requests that succeeded (each rotated the tokens).
+    pub refreshes: u64,
+    /// Token sets adopted from the store, refreshed by another task or process: each is
+    /// a refresh request, and a possible refresh-token reuse, avoided.
+    pub adoptions: u64,
+    /// `invalid_grant` answers explained by another writer's rotation and recovered from.
+    pub rotations_adopted: u64,
+    /// Failures that were transient (provider down, rate limited, store busy).
+    pub transient_failures: u64,
+    /// Failures that need a person to re-authorize.
+    pub reauthorizations_required: u64,
+    /// Other failures (rejected client, invalid responses, configuration).
+    pub other_failures: u64,
+    /// Saves of refreshed tokens that failed (and were retried, holding the lease).
+    pub failed_saves: u64,
+    /// Flights that failed on the store side (store errors, a busy lease, another
+    /// holder's rotation in flight).
+    pub store_failures: u64,
+    /// Refresh tokens presented after another holder left its write-ahead record on them
+    /// for longer than [`Builder::abandoned_rotation_after`](crate::Builder::abandoned_rotation_after).
+    pub takeovers: u64,
+}
+
+impl Metrics {
+    pub(crate) fn count_failure(&mut self, e: &Error) {
+        if e.needs_reauthorization() {
+            self.reauthorizations_required += 1;
+        } else if e.is_transient() {
+            self.transient_failures += 1;
+        } else {
+            self.other_failures += 1;
+        }
+    }
+}
+
+/// A health snapshot of one grant.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct Status {
+    /// When the cached access token expires (`None`: no token yet, or unknown expiry).
+    pub access_token_expires_at: Option<OffsetDateTime>,
+    /// When the refresh token itself expires, when known.
+    pub refresh_token_expires_at: Option<OffsetDateTime>,
+    /// Time left until a person must re-authorize: zero once the grant is dead, `None`
+    /// when the refresh token's lifetime is unknown.
+    pub reauthorization_in: Option<Duration>,
+    /// When the last successful refresh request was sent.
+    pub last_refresh: Option<OffsetDateTime>,
+    /// The last failure, if any.
+    pub last_error: Option<Error>,
+    /// True while a rotated token set exists only in this process's memory (its save
+    /// failed and is being retried, with the store's lease held).
+    pub rotation_unsaved: bool,
+    /// Counters.
+    pub metrics: Metrics,
+}
+
+impl RefreshingTokenSource {
+    /// A health snapshot: expiries, time left before re-authorization, last refresh,
+    /// last error, counters.
+    pub fn status(&self) -> Status {
+        let inner = &self.inner;
+        let cached = inner.cache.load_full();
+        let state = inner.state();
+        let refresh_token_expires_at = cached.as_ref().and_then(|c| c.refresh_expires_at);
+        let reauthorization_in = if state.dead.is_some() {
+            Some(Duration::ZERO)
+        } else {
+            refresh_token_expires_at.map(|at| (at - inner.clock.now()).max(Duration::ZERO))
+        };
+        Status {
+            access_token_expires_at: cached.as_ref().and_then(|c| c.expires_at),
+            refresh_token_expires_at,
+            reauthorization_in,
+            last_refresh: state.last_refresh,
+            last_error: state.last_error.clone(),
+            rotation_unsaved: state.unsaved.is_some(),
+            metrics: state.metrics,
+        }
+    }
+}
