@@ -1,0 +1,547 @@
+//! Store faults never cost a grant: each scenario of issue 8 against the simulator's
+//! reuse detection, with a `FaultyStore` around a `MemoryStore` shared by two sources (two
+//! replicas). What must hold at the end of each: no refresh token presented twice, no
+//! grant revoked, the newest refresh token in the store.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokenkeeper::testing::{FaultyStore, Mode, Simulator, StoreFault, StoreOp};
+use tokenkeeper::{
+    Builder, Error, ManualClock, MemoryStore, RefreshingTokenSource, TokenStore, TransientKind,
+};
+
+/// Two sources (replicas) on one faulty store and one simulator.
+struct Fixture {
+    sim: Simulator,
+    store: FaultyStore<MemoryStore>,
+    key: String,
+    grant: String,
+}
+
+impl Fixture {
+    async fn new(sim: Simulator) -> Self {
+        let grant = sim.issue_grant();
+        Self {
+            sim,
+            store: FaultyStore::new(MemoryStore::new()),
+            key: "user-1".into(),
+            grant,
+        }
+    }
+
+    /// A replica: request timeout 1 s, lease ttl 1.5 s, store calls bounded at 5 s.
+    fn replica(&self, tune: impl FnOnce(Builder) -> Builder) -> RefreshingTokenSource {
+        let mut profile = self.sim.profile();
+        profile.request_timeout = Duration::from_secs(1);
+        let builder = RefreshingTokenSource::builder(profile, self.sim.credentials())
+            .store(self.store.clone())
+            .key(&self.key)
+            .initial_refresh_token(&self.grant)
+            .lease_ttl(Duration::from_millis(1500))
+            .store_timeout(Duration::from_secs(5));
+        tune(builder).build().unwrap()
+    }
+
+    fn stored_refresh_token(&self) -> Option<String> {
+        self.store
+            .get_ref()
+            .get(&self.key)
+            .and_then(|v| v.value.refresh_token)
+            .map(|t| t.secret().to_owned())
+    }
+
+    /// What must hold after every scenario.
+    fn assert_nothing_lost(&self) {
+        let counters = self.sim.counters();
+        assert_eq!(
+            counters.reuse_attempts, 0,
+            "no refresh token presented twice: {counters:?}"
+        );
+        assert_eq!(counters.revoked_grants, 0, "{counters:?}");
+        assert_eq!(
+            self.stored_refresh_token(),
+            self.sim.current_refresh_token(0),
+            "the store holds the newest refresh token"
+        );
+        let stored = self.store.get_ref().get(&self.key).expect("stored");
+        assert!(
+            stored.value.rotation.is_none(),
+            "no write-ahead record is left behind"
+        );
+    }
+}
+
+async fn lucid(access_lifetime: Duration) -> Simulator {
+    Simulator::builder(Mode::Lucid)
+        .access_lifetime(access_lifetime)
+        .start()
+        .await
+        .unwrap()
+}
+
+async fn eventually<T>(what: &str, mut attempt: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(done) = attempt().await {
+            return done;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// Scenario 1: a save fails after a successful refresh.
+
+/// The holder's save of the rotated set fails three times. The holder serves the new
+/// token at once, and keeps the key locked while it retries: the other replica, already
+/// waiting for the lease, gets it only once the set is saved (it never even sees the
+/// write-ahead record), and adopts the saved set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_whose_save_fails_keeps_the_key_locked_until_it_is_saved() {
+    let sim = Simulator::builder(Mode::Lucid)
+        .response_delay(Duration::from_millis(400))
+        .start()
+        .await
+        .unwrap();
+    let fx = Fixture::new(sim).await;
+    let (a, b) = (fx.replica(|b| b), fx.replica(|b| b));
+    // A's saves: the seed, the write-ahead record, then the rotated set: fail that one
+    // and its next two retries.
+    for n in 3..=5 {
+        fx.store.fail_nth(StoreOp::Save, n, StoreFault::FailBefore);
+    }
+    // Lease calls: A's, then B's (waiting). A third one would be A taking the lease
+    // again after letting it go: slowed down, so that B would get in first.
+    fx.store.fail_nth(
+        StoreOp::Lease,
+        3,
+        StoreFault::HangBefore(Duration::from_millis(300)),
+    );
+    let a_call = tokio::spawn({
+        let a = a.clone();
+        async move { a.access_token().await }
+    });
+    // B asks while A's request is in flight: it queues for the lease.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let b_call = tokio::spawn({
+        let b = b.clone();
+        async move { b.access_token().await }
+    });
+    let token = a_call
+        .await
+        .unwrap()
+        .expect("served despite the failed save");
+    let adopted = b_call
+        .await
+        .unwrap()
+        .expect("B waits for the lease, then adopts");
+    assert_eq!(adopted, token, "B adopts A's rotated set");
+    assert!(!a.status().rotation_unsaved);
+    assert_eq!(a.status().metrics.failed_saves, 1);
+    assert_eq!(fx.sim.counters().refreshes, 1, "one refresh in all");
+    assert_eq!(
+        b.status().metrics.store_failures,
+        0,
+        "B never had to wait on a write-ahead record"
+    );
+    fx.assert_nothing_lost();
+}
+
+/// The holder's lease runs out while it is paused (its renewals fail and its save hangs)
+/// after the provider rotated. The other replica takes the expired lease and finds the
+/// holder's write-ahead record: it waits rather than present the consumed refresh token.
+/// The holder comes back, retakes the lease and saves; the other replica adopts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_never_presents_a_refresh_token_another_holder_is_presenting() {
+    let fx = Fixture::new(lucid(Duration::from_secs(3600)).await).await;
+    let (a, b) = (fx.replica(|b| b), fx.replica(|b| b));
+    fx.store
+        .random_faults(1.0, &[StoreOp::Renew], vec![StoreFault::FailBefore], 1);
+    fx.store.fail_nth(
+        StoreOp::Save,
+        3,
+        StoreFault::HangBefore(Duration::from_millis(2500)),
+    );
+    let holder = tokio::spawn(async move { a.access_token().await.map(|t| (t, a)) });
+
+    eventually("the provider rotated for A", async || {
+        (fx.sim.counters().refreshes == 1).then_some(())
+    })
+    .await;
+    // A's lease (1.5 s) expires while its save hangs; then B tries.
+    tokio::time::sleep(Duration::from_millis(1700)).await;
+    let err = b.access_token().await.expect_err("B must not refresh now");
+    assert!(
+        matches!(
+            err,
+            Error::Transient {
+                kind: TransientKind::RotationInFlight,
+                ..
+            }
+        ),
+        "B waits on A's write-ahead record: {err:?}"
+    );
+    assert_eq!(fx.sim.counters().requests, 1, "B sent nothing");
+
+    let (token, a) = holder.await.unwrap().expect("A served its rotated token");
+    eventually("A saved its rotated set", async || {
+        (!a.status().rotation_unsaved).then_some(())
+    })
+    .await;
+    let adopted = eventually("B adopts A's set", async || b.access_token().await.ok()).await;
+    assert_eq!(adopted, token);
+    assert_eq!(fx.sim.counters().refreshes, 1);
+    fx.assert_nothing_lost();
+}
+
+/// The save landed but its answer was lost: the retry finds the set already stored and
+/// writes nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_save_whose_answer_was_lost_is_found_stored_not_written_twice() {
+    let fx = Fixture::new(lucid(Duration::from_secs(3600)).await).await;
+    let a = fx.replica(|b| b);
+    fx.store.fail_nth(StoreOp::Save, 3, StoreFault::FailAfter);
+    a.access_token().await.unwrap();
+    eventually("the retry settled", async || {
+        (!a.status().rotation_unsaved).then_some(())
+    })
+    .await;
+    let stored = fx.store.get_ref().get(&fx.key).unwrap();
+    assert_eq!(
+        stored.version, 3,
+        "seed, write-ahead record, rotated set: no fourth write"
+    );
+    assert_eq!(fx.store.counts().calls_of(StoreOp::Save), 3);
+    fx.assert_nothing_lost();
+}
+
+// Scenario 2: a stale retry must never overwrite a newer set.
+
+/// A's save landed with its answer lost; before A's retry reads the store (it hangs),
+/// A's lease runs out, B adopts A's set and rotates further. A's retry then finds a set
+/// that is neither its own nor at the version its save expected: it drops its copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_never_writes_an_older_set_over_a_newer_one() {
+    let clock = ManualClock::starting_now();
+    let sim = Simulator::builder(Mode::Lucid)
+        .clock(clock.clone())
+        .start()
+        .await
+        .unwrap();
+    let fx = Fixture::new(sim).await;
+    let a = fx.replica(|b| b.clock(clock.clone()));
+    let b = fx.replica(|b| b.clock(clock.clone()));
+    fx.store
+        .random_faults(1.0, &[StoreOp::Renew], vec![StoreFault::FailBefore], 2);
+    // A's loads: step 0, under the lease, then the retry's: hang that one.
+    fx.store.fail_nth(StoreOp::Save, 3, StoreFault::FailAfter);
+    fx.store.fail_nth(
+        StoreOp::Load,
+        3,
+        StoreFault::HangBefore(Duration::from_millis(3000)),
+    );
+    let a_token = a.access_token().await.unwrap();
+    assert!(a.status().rotation_unsaved);
+
+    // A's lease expires; B finds A's set expired (an hour later) and rotates it.
+    tokio::time::sleep(Duration::from_millis(1700)).await;
+    clock.advance(time::Duration::hours(2));
+    let b_token = eventually("B refreshes", async || b.access_token().await.ok()).await;
+    assert_ne!(a_token, b_token);
+    assert_eq!(fx.sim.counters().refreshes, 2);
+
+    eventually("A's retry settled", async || {
+        (!a.status().rotation_unsaved).then_some(())
+    })
+    .await;
+    fx.assert_nothing_lost();
+}
+
+/// A person re-consents while a rotated set fails to save: the import wins, and the retry
+/// drops its older set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_racing_a_retry_wins() {
+    let fx = Fixture::new(lucid(Duration::from_secs(3600)).await).await;
+    let a = fx.replica(|b| b);
+    let importer = fx.replica(|b| b);
+    fx.store
+        .random_faults(1.0, &[StoreOp::Renew], vec![StoreFault::FailBefore], 3);
+    // Every save of A's rotated set fails for a while (the seed and the record pass).
+    for n in 3..=12 {
+        fx.store.fail_nth(StoreOp::Save, n, StoreFault::FailBefore);
+    }
+    a.access_token().await.unwrap();
+    assert!(a.status().rotation_unsaved);
+    let new_grant = fx.sim.issue_grant();
+    // A's lease expires (no renewals) while it keeps failing; the import takes over.
+    eventually("the import lands", async || {
+        importer.import_refresh_token(new_grant.as_str()).await.ok()
+    })
+    .await;
+    fx.store.clear_queued();
+    eventually("A's retry settled", async || {
+        (!a.status().rotation_unsaved).then_some(())
+    })
+    .await;
+    let stored = fx.stored_refresh_token();
+    assert_eq!(
+        stored.as_deref(),
+        Some(new_grant.as_str()),
+        "the import stays"
+    );
+    assert_eq!(fx.sim.counters().reuse_attempts, 0);
+}
+
+// Scenario 3: a panic never leaves the flight stuck.
+
+/// A panic injected into each kind of store call: the callers of that flight get a
+/// transient error, the next call works, and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_any_store_call_never_leaves_the_flight_stuck() {
+    // (operation, which call of it in a fresh source's first refresh)
+    let cases = [
+        (StoreOp::Load, 1),  // the lease-free read
+        (StoreOp::Lease, 1), // taking the lease
+        (StoreOp::Load, 2),  // the read under the lease
+        (StoreOp::Save, 1),  // the seed
+        (StoreOp::Save, 2),  // the write-ahead record
+        (StoreOp::Save, 3),  // the rotated set
+    ];
+    for (op, n) in cases {
+        let fx = Fixture::new(lucid(Duration::from_secs(3600)).await).await;
+        let a = fx.replica(|b| b);
+        fx.store.fail_nth(op, n, StoreFault::Panic);
+        let first = a.access_token().await;
+        if let Err(e) = &first {
+            assert!(e.is_transient(), "{op:?} #{n}: {e:?}");
+        }
+        let token = eventually("the next calls work", async || a.access_token().await.ok()).await;
+        assert_eq!(fx.store.counts().panics, 1, "{op:?} #{n}");
+        assert!(!a.status().rotation_unsaved, "{op:?} #{n}");
+        assert_eq!(fx.sim.counters().refreshes, 1, "{op:?} #{n}: one refresh");
+        assert_eq!(a.access_token().await.unwrap(), token);
+        fx.assert_nothing_lost();
+    }
+}
+
+// Scenario 4: a store that loses a key.
+
+/// The store loses the key after a rotation (Redis restarted without persistence): the
+/// source restores the newest set it knew and never presents the long-consumed initial
+/// refresh token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_loses_the_key_never_makes_the_source_present_the_initial_token() {
+    let clock = ManualClock::starting_now();
+    let sim = Simulator::builder(Mode::Lucid)
+        .clock(clock.clone())
+        .start()
+        .await
+        .unwrap();
+    let fx = Fixture::new(sim).await;
+    let a = fx.replica(|b| b.clock(clock.clone()));
+    a.access_token().await.unwrap();
+    clock.advance(time::Duration::hours(2));
+    a.access_token().await.unwrap();
+    assert_eq!(fx.sim.counters().refreshes, 2);
+
+    fx.store
+        .get_ref()
+        .remove(&fx.key)
+        .expect("the key was there");
+    clock.advance(time::Duration::hours(2));
+    a.access_token()
+        .await
+        .expect("refreshed with the newest known refresh token");
+    assert_eq!(fx.sim.counters().refreshes, 3);
+    fx.assert_nothing_lost();
+}
+
+// Scenario 5: the lease ttl and the request timeout.
+
+/// A lease that cannot outlast the request is a configuration error at build, not a
+/// transient error forever; absurd values are refused, never overflowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_ttl_that_cannot_outlast_the_request_is_refused_at_build() {
+    let sim = lucid(Duration::from_secs(3600)).await;
+    let mut profile = sim.profile();
+    profile.request_timeout = Duration::from_secs(5);
+    for ttl in [
+        Duration::from_secs(1),
+        Duration::from_secs(5),
+        Duration::MAX,
+    ] {
+        let built = RefreshingTokenSource::builder(profile.clone(), sim.credentials())
+            .lease_ttl(ttl)
+            .build();
+        assert!(matches!(built, Err(Error::Config(_))), "{ttl:?}: {built:?}");
+    }
+    let built = RefreshingTokenSource::builder(profile.clone(), sim.credentials())
+        .store_timeout(Duration::MAX)
+        .build();
+    assert!(matches!(built, Err(Error::Config(_))), "{built:?}");
+    RefreshingTokenSource::builder(profile, sim.credentials())
+        .lease_ttl(Duration::from_secs(6))
+        .leeway(Duration::MAX)
+        .build()
+        .expect("a lease outlasting the request");
+}
+
+/// The answer arrives as the lease's first ttl runs out, and the save is slow: renewed
+/// while the request ran, the lease still holds, and the first save succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_arriving_as_the_first_ttl_runs_out_is_saved_under_the_renewed_lease() {
+    let sim = Simulator::builder(Mode::Lucid)
+        .response_delay(Duration::from_millis(950))
+        .start()
+        .await
+        .unwrap();
+    let fx = Fixture::new(sim).await;
+    // Lease 1.2 s, request timeout 1 s. The write-ahead record takes 150 ms, so the
+    // request leaves with 1.05 s of lease; the answer comes 950 ms later, and the save
+    // takes 200 ms more: past the first ttl.
+    let a = fx.replica(|b| b.lease_ttl(Duration::from_millis(1200)));
+    fx.store.fail_nth(
+        StoreOp::Save,
+        2,
+        StoreFault::HangBefore(Duration::from_millis(150)),
+    );
+    fx.store.fail_nth(
+        StoreOp::Save,
+        3,
+        StoreFault::HangBefore(Duration::from_millis(200)),
+    );
+    a.access_token().await.unwrap();
+    let status = a.status();
+    assert_eq!(
+        status.metrics.failed_saves, 0,
+        "saved at once under the renewed lease"
+    );
+    assert!(
+        fx.store.counts().calls_of(StoreOp::Renew) >= 1,
+        "the lease was renewed"
+    );
+    fx.assert_nothing_lost();
+}
+
+// Store errors and the provider's backoff.
+
+/// A store that fails for a moment: callers get storage errors, never the provider's
+/// backoff, and are served again within a second of the store's recovery (on the
+/// clock's monotonic reading).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_errors_never_start_the_provider_backoff() {
+    let clock = ManualClock::starting_now();
+    let fx = Fixture::new(lucid(Duration::from_secs(3600)).await).await;
+    let a = fx.replica(|b| b.clock(clock.clone()));
+    fx.store.random_faults(
+        1.0,
+        &[StoreOp::Load, StoreOp::Lease],
+        vec![StoreFault::FailBefore],
+        4,
+    );
+    for _ in 0..5 {
+        let err = a.access_token().await.unwrap_err();
+        assert!(
+            matches!(err, Error::Storage(_)),
+            "a store failure, not a provider backoff: {err:?}"
+        );
+        clock.advance(time::Duration::milliseconds(300));
+    }
+    fx.store.set_rate(0.0);
+    clock.advance(time::Duration::seconds(1));
+    a.access_token()
+        .await
+        .expect("served within a second of the store's recovery");
+    assert_eq!(
+        fx.sim.counters().requests,
+        1,
+        "the provider saw one request"
+    );
+    fx.assert_nothing_lost();
+}
+
+/// A lease grant whose answer was lost blocks the key until the lease expires (the
+/// holder never learned it had it); then the next attempt succeeds. Nothing is presented
+/// in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_lease_grant_costs_one_ttl_and_nothing_else() {
+    let fx = Fixture::new(lucid(Duration::from_secs(3600)).await).await;
+    let a = fx.replica(|b| b);
+    fx.store.fail_next(StoreOp::Lease, StoreFault::FailAfter);
+    let err = a.access_token().await.unwrap_err();
+    assert!(err.is_transient(), "{err:?}");
+    eventually("served after the orphaned lease expired", async || {
+        a.access_token().await.ok()
+    })
+    .await;
+    assert_eq!(fx.sim.counters().requests, 1);
+    fx.assert_nothing_lost();
+}
+
+/// Random store faults of every kind (but panics) at 20% of all calls, two replicas
+/// refreshing a short-lived token for many cycles: never a reuse, and the store ends
+/// with the newest refresh token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_store_faults_never_cost_the_grant() {
+    let clock = ManualClock::starting_now();
+    let sim = Simulator::builder(Mode::Lucid)
+        .clock(clock.clone())
+        .start()
+        .await
+        .unwrap();
+    let fx = Fixture::new(sim).await;
+    let replicas = [
+        fx.replica(|b| b.clock(clock.clone())),
+        fx.replica(|b| b.clock(clock.clone())),
+    ];
+    fx.store.random_faults(
+        0.2,
+        &[StoreOp::Load, StoreOp::Save, StoreOp::Lease, StoreOp::Renew],
+        vec![
+            StoreFault::FailBefore,
+            StoreFault::FailAfter,
+            StoreFault::HangBefore(Duration::from_millis(30)),
+            StoreFault::HangAfter(Duration::from_millis(30)),
+            StoreFault::LoseLease,
+        ],
+        5,
+    );
+    let mut served = 0;
+    for cycle in 0..150 {
+        let source = &replicas[cycle % 2];
+        for _ in 0..200 {
+            match source.access_token().await {
+                Ok(_) => {
+                    served += 1;
+                    break;
+                }
+                Err(e) => {
+                    assert!(e.is_transient(), "cycle {cycle}: {e:?}");
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    clock.advance(time::Duration::seconds(1));
+                }
+            }
+        }
+        clock.advance(time::Duration::hours(2));
+    }
+    assert_eq!(served, 150, "every cycle was served");
+    fx.store.set_rate(0.0);
+    for source in &replicas {
+        eventually("every retry settled", async || {
+            (!source.status().rotation_unsaved).then_some(())
+        })
+        .await;
+    }
+    let counts = fx.store.counts();
+    println!("random store faults: {counts:?}, {:?}", fx.sim.counters());
+    assert!(counts.faults() > 100, "{counts:?}");
+    clock.advance(time::Duration::hours(2));
+    replicas[0].access_token().await.unwrap();
+    fx.assert_nothing_lost();
+}
+
+#[allow(dead_code)]
+fn assert_store_is_object_safe(store: FaultyStore<MemoryStore>) -> Arc<dyn TokenStore> {
+    Arc::new(store)
+}
