@@ -270,7 +270,7 @@ impl Inner {
                         sent_at,
                         self.clock.now(),
                     );
-                    return self.save_rotated(held, next, version).await;
+                    return self.save_rotated(held, next, version, sent_at).await;
                 }
                 // Step 7.
                 Err(RefreshFailure::InvalidGrant(provider)) => {
@@ -429,6 +429,7 @@ impl Inner {
         held: &HeldLease,
         next: TokenSet,
         version: Option<u64>,
+        sent_at: OffsetDateTime,
     ) -> Outcome {
         {
             let mut state = self.state();
@@ -437,7 +438,7 @@ impl Inner {
                 expected: version,
             });
             state.metrics.refreshes += 1;
-            state.last_refresh = Some(next.obtained_at);
+            state.last_refresh = Some(sent_at);
             state.backoff.succeeded();
             state.rejected_access = None;
             state.foreign_rotation = None;
@@ -591,10 +592,10 @@ impl Inner {
 
 /// Step 6's merge: the response over the current set. The old refresh token is kept only
 /// when the response carries none; expiries become absolute instants, anchored at the
-/// send instant. An access token already expired when its answer arrived (the clock
-/// jumped during the request, or the lifetime is shorter than the round trip) gets the
-/// lifetime it was granted from the receipt instead: refreshed on schedule, never on
-/// every call.
+/// send instant. A token whose answer took more than half its lifetime to arrive (the
+/// clock jumped during the request, or the lifetime is shorter than the round trip) is
+/// counted from the receipt instead: it arrives fresh, and is refreshed on schedule,
+/// never on every call.
 pub(crate) fn merge(
     profile: &ProviderProfile,
     current: &TokenSet,
@@ -605,14 +606,18 @@ pub(crate) fn merge(
     let default_lifetime = profile
         .default_access_token_lifetime
         .and_then(|d| Duration::try_from(d).ok());
-    let expires_at = match absolute_expiry(response.expiry, sent_at, default_lifetime) {
-        Some(at) if at <= received_at => {
-            let granted = at - sent_at;
-            tracing::warn!(expires_at = %at, received_at = %received_at, granted = %granted, "the access token expired before its answer arrived: clock jump or a tiny lifetime? counting its lifetime from the receipt");
-            Some(add_clamped(received_at, granted))
+    let mut obtained_at = sent_at;
+    let mut expires_at = absolute_expiry(response.expiry, sent_at, default_lifetime);
+    if let Some(at) = expires_at {
+        let granted = at - sent_at;
+        if received_at - sent_at >= granted / 2 {
+            if at <= received_at {
+                tracing::warn!(expires_at = %at, received_at = %received_at, granted = %granted, "the access token expired before its answer arrived: clock jump or a tiny lifetime? counting its lifetime from the receipt");
+            }
+            obtained_at = received_at;
+            expires_at = Some(add_clamped(received_at, granted));
         }
-        other => other,
-    };
+    }
     let rotated = response.refresh_token.is_some();
     let refresh_expires_at = match response.refresh_expires_in.filter(|s| *s > 0) {
         Some(seconds) => Some(add_clamped(sent_at, Duration::seconds(seconds))),
@@ -621,7 +626,7 @@ pub(crate) fn merge(
             .map(|d| add_clamped(sent_at, Duration::try_from(d).unwrap_or(Duration::MAX))),
         None => current.refresh_expires_at,
     };
-    let mut next = TokenSet::new(response.access_token, sent_at);
+    let mut next = TokenSet::new(response.access_token, obtained_at);
     next.refresh_token = response
         .refresh_token
         .or_else(|| current.refresh_token.clone());
@@ -631,4 +636,65 @@ pub(crate) fn merge(
     next.scopes = response.scopes.unwrap_or_else(|| current.scopes.clone());
     next.extra = response.extra;
     next
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secret::AccessToken;
+    use crate::token::ExpiryFields;
+    use time::macros::datetime;
+
+    const T0: OffsetDateTime = datetime!(2026-01-01 0:00 UTC);
+
+    fn response(expires_in: i64) -> TokenResponse {
+        TokenResponse {
+            access_token: AccessToken::new("at"),
+            refresh_token: None,
+            token_type: None,
+            expiry: ExpiryFields {
+                expires_in: Some(expires_in),
+                expires_at_ms: None,
+            },
+            refresh_expires_in: None,
+            scopes: None,
+            extra: Default::default(),
+        }
+    }
+
+    fn merged(expires_in: i64, round_trip: Duration) -> TokenSet {
+        let profile = ProviderProfile::generic(url::Url::parse("https://example.com/t").unwrap());
+        let current = TokenSet::new(AccessToken::new("old"), T0);
+        merge(
+            &profile,
+            &current,
+            response(expires_in),
+            T0,
+            T0 + round_trip,
+        )
+    }
+
+    #[test]
+    fn a_quick_answer_counts_its_lifetime_from_the_send_instant() {
+        let set = merged(3600, Duration::milliseconds(200));
+        assert_eq!(set.expires_at, Some(T0 + Duration::hours(1)));
+        assert_eq!(set.obtained_at, T0);
+    }
+
+    #[test]
+    fn an_answer_that_took_half_the_lifetime_is_fresh_on_receipt() {
+        for (expires_in, round_trip) in [(1, 600), (2, 5000), (10, 9000)] {
+            let received = T0 + Duration::milliseconds(round_trip);
+            let set = merged(expires_in, Duration::milliseconds(round_trip));
+            assert_eq!(
+                set.freshness(received, crate::token::DEFAULT_LEEWAY),
+                Freshness::Fresh,
+                "{expires_in} s token after {round_trip} ms"
+            );
+            assert_eq!(
+                set.expires_at,
+                Some(received + Duration::seconds(expires_in))
+            );
+        }
+    }
 }
