@@ -2,17 +2,23 @@
 //! from Debian's `postgresql` package, see scripts/install-test-deps.sh).
 #![cfg(feature = "postgres")]
 
+#[path = "support/proxy.rs"]
+mod proxy;
 #[path = "support/scenarios.rs"]
 mod scenarios;
 #[path = "support/servers.rs"]
 mod servers;
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use proxy::{FaultConfig, FaultProxy, NextFault};
 use servers::PostgresServer;
-use tokenkeeper::TokenStore;
-use tokenkeeper::store::conformance::{self, Leases};
+use tokenkeeper::store::StoreError;
+use tokenkeeper::store::conformance::{self, Leases, sample, unique_key};
 use tokenkeeper::store::postgres::PostgresStore;
+use tokenkeeper::testing::{Mode, Simulator};
+use tokenkeeper::{Error, RefreshingTokenSource, TokenStore};
 
 async fn connect(server: &PostgresServer) -> PostgresStore {
     let store = PostgresStore::connect(&server.url())
@@ -102,4 +108,150 @@ async fn postgres_unreachable_server_is_unavailable() {
         }
         other => panic!("got {other:?}"),
     }
+}
+
+/// Twelve takers wait for a lease on a pool of eight connections: none of them holds a
+/// connection while it waits, so the holder's save gets one at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_lease_waiters_never_starve_the_holders_save() {
+    let server = PostgresServer::start();
+    let store = connect(&server).await;
+    let key = unique_key("starve");
+    let holder = store.lease(&key, Duration::from_secs(20)).await.unwrap();
+    let waiters: Vec<_> = (0..12)
+        .map(|_| {
+            let (store, key) = (store.clone(), key.clone());
+            tokio::spawn(async move {
+                let lease = store.lease(&key, Duration::from_secs(20)).await?;
+                lease.release().await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    store
+        .save(&key, &sample("held"), None, &holder)
+        .await
+        .expect("the holder saves while twelve takers wait");
+    holder.release().await.unwrap();
+    for waiter in waiters {
+        waiter
+            .await
+            .unwrap()
+            .expect("each waiter gets the lease in turn");
+    }
+}
+
+/// A connection the network silently stops carrying (a proxy holding every byte) fails
+/// the operation within the operation timeout, and is closed: the next operation, on a
+/// new connection, works at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_silently_dropped_connection_stalls_nothing_for_long() {
+    let server = PostgresServer::start();
+    connect(&server).await;
+    let proxy = FaultProxy::start(
+        format!("127.0.0.1:{}", server.port()).parse().unwrap(),
+        FaultConfig::none(),
+    )
+    .await;
+    let store = PostgresStore::connect(&proxy.url_via(&server.url()))
+        .await
+        .unwrap()
+        .with_operation_timeout(Duration::from_secs(1));
+    let key = unique_key("dropped");
+    assert!(store.load(&key).await.unwrap().is_none());
+
+    proxy.fault_next(NextFault::Delay(Duration::from_secs(30)));
+    let started = Instant::now();
+    let stalled = store.load(&key).await;
+    assert!(
+        matches!(stalled, Err(StoreError::Timeout(_))),
+        "{stalled:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+
+    let started = Instant::now();
+    assert!(
+        store.load(&key).await.unwrap().is_none(),
+        "the next operation works"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "on a new connection, not behind the stalled one: {:?}",
+        started.elapsed()
+    );
+}
+
+/// A lease granted whose answer was lost (the connection cut after the statement
+/// reached the server): the taker asks again as the same owner and gets it at once,
+/// instead of waiting for it to expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_lease_grant_whose_answer_was_lost_is_not_lost() {
+    let server = PostgresServer::start();
+    connect(&server).await;
+    let proxy = FaultProxy::start(
+        format!("127.0.0.1:{}", server.port()).parse().unwrap(),
+        FaultConfig::none(),
+    )
+    .await;
+    let store = PostgresStore::connect(&proxy.url_via(&server.url()))
+        .await
+        .unwrap();
+    // Warm the connection: the lease statement is prepared on it.
+    let warm = store
+        .lease(&unique_key("warm"), Duration::from_secs(5))
+        .await
+        .unwrap();
+    warm.release().await.unwrap();
+
+    let key = unique_key("lost-grant");
+    proxy.fault_next(NextFault::CutAfter);
+    let started = Instant::now();
+    let lease = store
+        .lease(&key, Duration::from_secs(20))
+        .await
+        .expect("the grant is recovered");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(proxy.counters().cut_after, 1, "the answer was lost once");
+    let other = store.lease(&key, Duration::from_millis(200)).await;
+    assert!(
+        matches!(other, Err(StoreError::LeaseTimeout { .. })),
+        "{other:?}"
+    );
+    store.save(&key, &sample("x"), None, &lease).await.unwrap();
+    lease.release().await.unwrap();
+}
+
+/// A newcomer who forgot `create_schema()` gets an error naming the table and the call,
+/// which says to fix the configuration rather than to retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_missing_table_is_named_with_the_call_that_creates_it() {
+    let server = PostgresServer::start();
+    let store = PostgresStore::connect(&server.url()).await.unwrap();
+    let err = store.load("k").await.unwrap_err();
+    let shown = err.to_string();
+    assert!(matches!(err, StoreError::Misconfigured(_)), "{err:?}");
+    assert!(shown.contains("tokenkeeper_tokens"), "{shown}");
+    assert!(shown.contains("create_schema"), "{shown}");
+
+    let sim = Simulator::builder(Mode::Lucid).start().await.unwrap();
+    let source = RefreshingTokenSource::builder(sim.profile(), sim.credentials())
+        .store(store)
+        .initial_refresh_token(sim.issue_grant())
+        .build()
+        .unwrap();
+    let err = source.access_token().await.unwrap_err();
+    assert!(
+        matches!(err, Error::Storage(StoreError::Misconfigured(_))),
+        "{err:?}"
+    );
+    assert!(!err.is_transient(), "not a retry-later error: {err:?}");
+    assert_eq!(sim.counters().requests, 0);
 }

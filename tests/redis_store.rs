@@ -2,16 +2,22 @@
 //! Debian's `redis-server` package, see scripts/install-test-deps.sh).
 #![cfg(feature = "redis")]
 
+#[path = "support/proxy.rs"]
+mod proxy;
 #[path = "support/scenarios.rs"]
 mod scenarios;
 #[path = "support/servers.rs"]
 mod servers;
 
-use std::sync::Arc;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use proxy::{FaultConfig, FaultProxy, NextFault};
 use servers::RedisServer;
 use tokenkeeper::TokenStore;
-use tokenkeeper::store::conformance::{self, Leases};
+use tokenkeeper::store::StoreError;
+use tokenkeeper::store::conformance::{self, Leases, sample, unique_key};
 use tokenkeeper::store::redis::RedisStore;
 
 async fn connect(server: &RedisServer) -> RedisStore {
@@ -90,4 +96,96 @@ async fn redis_unreachable_server_is_unavailable() {
         matches!(result, Err(tokenkeeper::store::StoreError::Unavailable(_))),
         "got {result:?}"
     );
+}
+
+/// A lease granted whose answer was lost (the connection cut after the script reached the
+/// server): the taker asks again as the same owner and gets it at once, instead of
+/// waiting for it to expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_lease_grant_whose_answer_was_lost_is_not_lost() {
+    let server = RedisServer::start();
+    let proxy = FaultProxy::start(
+        format!("127.0.0.1:{}", server.port()).parse().unwrap(),
+        FaultConfig::none(),
+    )
+    .await;
+    let store = RedisStore::connect(&proxy.url_via(&server.url()))
+        .await
+        .unwrap();
+    // Warm up: the scripts are loaded on the server.
+    let warm = store
+        .lease(&unique_key("warm"), Duration::from_secs(5))
+        .await
+        .unwrap();
+    warm.release().await.unwrap();
+
+    let key = unique_key("lost-grant");
+    proxy.fault_next(NextFault::CutAfter);
+    let started = Instant::now();
+    let lease = store
+        .lease(&key, Duration::from_secs(20))
+        .await
+        .expect("the grant is recovered");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(proxy.counters().cut_after, 1, "the answer was lost once");
+    let other = store.lease(&key, Duration::from_millis(200)).await;
+    assert!(
+        matches!(other, Err(StoreError::LeaseTimeout { .. })),
+        "{other:?}"
+    );
+    store.save(&key, &sample("x"), None, &lease).await.unwrap();
+    lease.release().await.unwrap();
+}
+
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+/// What `RedisStore::connect` logs about the server's durability.
+fn connect_logs(url: &str) -> String {
+    let captured = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_writer(captured.clone())
+        .finish();
+    tracing::subscriber::with_default(subscriber, || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(RedisStore::connect(url)).unwrap();
+    });
+    String::from_utf8(captured.0.lock().unwrap().clone()).unwrap()
+}
+
+/// A server that keeps nothing on disk can lose every grant on restart: `connect` says
+/// so. A server with an append-only file gets no such warning.
+#[test]
+fn redis_connect_warns_when_the_server_can_lose_keys() {
+    let volatile = RedisServer::start();
+    let logs = connect_logs(&volatile.url());
+    assert!(logs.contains("keeps nothing on disk"), "{logs}");
+    let durable = RedisServer::start_persistent();
+    let logs = connect_logs(&durable.url());
+    assert!(!logs.contains("WARN"), "{logs}");
 }

@@ -48,7 +48,12 @@ pub async fn run(store: &dyn TokenStore, leases: Leases) {
         an_expired_lease_refuses_saves(store).await;
         a_late_release_does_not_free_a_newer_lease(store).await;
         fencing_numbers_grow_with_every_grant(store).await;
+        a_renewed_lease_outlives_its_first_ttl(store).await;
+        an_expired_or_taken_lease_cannot_be_renewed(store).await;
+    } else {
+        a_lease_that_never_expires_needs_no_renewal(store).await;
     }
+    key_checks_are_consistent(store).await;
 }
 
 /// Persistence: what `first` saved, `second` (a new instance over the same storage) loads.
@@ -362,4 +367,95 @@ async fn fencing_numbers_grow_with_every_grant(store: &dyn TokenStore) {
         last = Some(lease.fencing());
         lease.release().await.expect("release");
     }
+}
+
+/// Whether `store` renews leases at all (the default [`TokenStore::renew`] does not).
+async fn renews(store: &dyn TokenStore) -> bool {
+    let key = unique_key("renew-probe");
+    let lease = store.lease(&key, ttl()).await.expect("lease");
+    let renewed = store.renew(&key, &lease, ttl()).await;
+    lease.release().await.expect("release");
+    match renewed {
+        Ok(()) => true,
+        Err(StoreError::Unsupported(_)) => false,
+        Err(e) => panic!("renewing a lease just granted failed: {e:?}"),
+    }
+}
+
+async fn a_renewed_lease_outlives_its_first_ttl(store: &dyn TokenStore) {
+    if !renews(store).await {
+        return;
+    }
+    let key = unique_key("renewed");
+    let short = Duration::from_millis(400);
+    let lease = store.lease(&key, short).await.expect("lease");
+    let first_expiry = lease.expires_at().expect("an expiring lease");
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    store.renew(&key, &lease, short).await.expect("renew");
+    assert!(
+        lease.expires_at().expect("still expiring") > first_expiry,
+        "renew records the new expiry on the lease"
+    );
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    // Past the first ttl, within the renewed one: still held, still writes.
+    let other = store.lease(&key, Duration::from_millis(50)).await;
+    assert!(
+        matches!(other, Err(StoreError::LeaseTimeout { .. })),
+        "a renewed lease still excludes others past its first ttl, got {other:?}"
+    );
+    let saved = store.save(&key, &sample("renewed"), None, &lease).await;
+    assert!(saved.is_ok(), "a renewed lease still writes, got {saved:?}");
+    lease.release().await.expect("release");
+}
+
+async fn an_expired_or_taken_lease_cannot_be_renewed(store: &dyn TokenStore) {
+    if !renews(store).await {
+        return;
+    }
+    let key = unique_key("renew-expired");
+    let expired = store
+        .lease(&key, Duration::from_millis(150))
+        .await
+        .expect("lease");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let renewed = store.renew(&key, &expired, ttl()).await;
+    assert!(
+        matches!(renewed, Err(StoreError::LeaseLost)),
+        "an expired lease cannot be renewed, got {renewed:?}"
+    );
+    let newer = store.lease(&key, ttl()).await.expect("takeover");
+    let renewed = store.renew(&key, &expired, ttl()).await;
+    assert!(
+        matches!(renewed, Err(StoreError::LeaseLost)),
+        "a lease taken over cannot be renewed, got {renewed:?}"
+    );
+    let saved = store.save(&key, &sample("newer"), None, &newer).await;
+    assert!(saved.is_ok(), "the successor still writes, got {saved:?}");
+    newer.release().await.expect("release");
+    drop(expired);
+}
+
+async fn a_lease_that_never_expires_needs_no_renewal(store: &dyn TokenStore) {
+    let key = unique_key("renew-bound");
+    let lease = store.lease(&key, ttl()).await.expect("lease");
+    assert!(
+        lease.expires_at().is_none(),
+        "a process-bound lease has no expiry"
+    );
+    store
+        .renew(&key, &lease, ttl())
+        .await
+        .expect("renewing a lease that never expires is a no-op");
+    lease.release().await.expect("release");
+}
+
+async fn key_checks_are_consistent(store: &dyn TokenStore) {
+    let key = unique_key("checked");
+    store
+        .check_key(&key)
+        .expect("an ordinary key passes check_key");
+    assert!(
+        store.check_key("").is_err(),
+        "check_key refuses the empty key"
+    );
 }
