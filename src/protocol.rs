@@ -113,9 +113,31 @@ impl Inner {
                     Ok(None) => {}
                     Err(e) => return (Err(e), None),
                 }
-                self.refresh(reason).await
+                let (outcome, held) = self.refresh(reason).await;
+                if let Err(Error::Transient {
+                    kind: TransientKind::RotationInFlight,
+                    ..
+                }) = &outcome
+                    && held.is_none()
+                    && let Some(token) = self.await_rotation(reason).await
+                {
+                    return (Ok(token), None);
+                }
+                (outcome, held)
             }
         }
+    }
+
+    /// Step 3's wait, with the lease released so that the other holder can save: reads
+    /// the store every 100 ms, for up to a second, and adopts the set it saves.
+    async fn await_rotation(&self, reason: Reason) -> Option<AccessToken> {
+        for _ in 0..10 {
+            tokio::time::sleep(StdDuration::from_millis(100)).await;
+            if let Ok(Some(token)) = self.look_for_fresh(reason).await {
+                return Some(token);
+            }
+        }
+        None
     }
 
     /// Reads the store without the lease and adopts a fresh set.
@@ -461,7 +483,7 @@ impl Inner {
     /// Retries saving the unsaved rotated set until it is saved, found saved, or
     /// superseded, holding the lease throughout (re-taking it if it was lost), so that no
     /// other holder presents the refresh token this source consumed. Store faults are
-    /// retried every 100 ms to 1 s.
+    /// retried every 100 to 500 ms.
     pub(crate) async fn persist(&self, mut held: Option<HeldLease>) {
         let mut failures = 0u32;
         loop {

@@ -8,9 +8,9 @@
 //!   60 s once callers wait with an expired one, never less than the provider's
 //!   `Retry-After` (itself capped at an hour).
 //! - [`StoreSpacing`]: the store failed, the lease was busy, or another holder's rotation
-//!   is in flight. Short steps (100 ms doubling to 1 s), so that callers are served again
-//!   within about a second of the store's recovery. A store failure never starts the
-//!   provider's backoff.
+//!   is in flight. Short steps (100 ms doubling to 500 ms), so that callers are served
+//!   again within about a second of the store's recovery. A store failure never starts
+//!   the provider's backoff.
 
 use std::time::Duration;
 
@@ -106,7 +106,7 @@ pub(crate) fn caps() -> ExponentialBackoff {
 /// The first store retry step.
 pub(crate) const STORE_RETRY_MIN: Duration = Duration::from_millis(100);
 /// The longest store retry step.
-pub(crate) const STORE_RETRY_MAX: Duration = Duration::from_secs(1);
+pub(crate) const STORE_RETRY_MAX: Duration = Duration::from_millis(500);
 
 /// Spacing after store failures (and busy leases, and rotations in flight elsewhere).
 #[derive(Debug, Default)]
@@ -148,7 +148,7 @@ impl StoreSpacing {
     }
 }
 
-/// The `failures`-th store retry step: 100 ms doubling to 1 s, with jitter (50-100%).
+/// The `failures`-th store retry step: 100 ms doubling to 500 ms, with jitter (50-100%).
 pub(crate) fn store_step(failures: u32) -> Duration {
     let cap = STORE_RETRY_MIN
         .saturating_mul(1u32 << failures.min(8))
@@ -198,7 +198,7 @@ mod tests {
     }
 
     #[test]
-    fn store_steps_grow_from_100_ms_to_1_s() {
+    fn store_steps_grow_from_100_ms_to_half_a_second() {
         assert!(store_step(0) <= STORE_RETRY_MIN);
         assert!(store_step(0) >= STORE_RETRY_MIN / 2);
         for failures in [4, 10, 1000, u32::MAX] {
