@@ -32,9 +32,12 @@ use crate::lease::HeldLease;
 use crate::provider::{ProviderProfile, TokenResponse};
 use crate::refresh::{Inner, Job, Outcome, Reason, Unsaved, keep_alive_at};
 use crate::retry::store_step;
-use crate::secret::AccessToken;
+use crate::secret::{AccessToken, RefreshToken};
 use crate::store::{StoreError, Versioned};
 use crate::token::{Freshness, RotationInFlight, TokenSet, absolute_expiry, add_clamped};
+
+/// How many consumed refresh tokens a source remembers.
+const CONSUMED_KEPT: usize = 4;
 
 /// A store lease failure as the caller sees it: a busy lease is transient and says so.
 pub(crate) fn lease_error(e: StoreError) -> Error {
@@ -73,7 +76,7 @@ enum Reconciled {
     AlreadySaved(u64),
     /// The store still holds the version its save expected: write it there.
     Save(Option<u64>),
-    /// Something else was written since (a re-import, another holder that adopted the
+    /// Something newer was written since (a re-import, another holder that adopted the
     /// set and rotated further): the unsaved set is older than the store's. Drop it.
     Superseded,
 }
@@ -88,6 +91,11 @@ fn reconcile(unsaved: &Unsaved, stored: Option<&Versioned<TokenSet>>) -> Reconci
             Reconciled::AlreadySaved(stored.version)
         }
         Some(stored) if Some(stored.version) == unsaved.expected => {
+            Reconciled::Save(Some(stored.version))
+        }
+        // Older than the unsaved set: the store went back in time (it lost writes, or
+        // another source restored an older set after it lost the key). Ours is newer.
+        Some(stored) if stored.value.obtained_at < unsaved.set.obtained_at => {
             Reconciled::Save(Some(stored.version))
         }
         Some(_) => Reconciled::Superseded,
@@ -242,24 +250,27 @@ impl Inner {
             };
 
             // Step 3: another holder's refresh in flight.
-            if let Some(rotation) = current.rotation.as_ref().filter(|r| r.holder != self.id) {
-                self.may_take_over(held, rotation)?;
+            match current.rotation.as_ref().filter(|r| r.holder != self.id) {
+                Some(rotation) => self.may_take_over(held, rotation)?,
+                None => self.state().foreign_rotation = None,
+            }
+            // A store that hands back a refresh token this source saw rotated has lost
+            // acknowledged writes: never present it.
+            if self.state().consumed.contains(&refresh_token) {
+                return Err(Error::Storage(StoreError::Misconfigured(
+                    "the store returned a refresh token this source already used: it lost acknowledged writes (Redis without appendfsync always, a failover to a lagging replica); the grant is left untouched".into(),
+                )));
             }
 
-            // Step 4: the write-ahead record.
-            if current
-                .rotation
-                .as_ref()
-                .is_none_or(|r| r.holder != self.id)
-            {
-                let mut marked = current.clone();
-                marked.rotation = Some(RotationInFlight::new(&self.id, self.clock.now()));
-                let saved = held
-                    .op(self.store.save(&self.key, &marked, version, held.lease()))
-                    .await?;
-                current = marked;
-                version = Some(saved);
-            }
+            // Step 4: the write-ahead record, new for every presentation (even over this
+            // source's own earlier one), so that other holders time each presentation.
+            let mut marked = current.clone();
+            marked.rotation = Some(RotationInFlight::new(&self.id, self.clock.now()));
+            let saved = held
+                .op(self.store.save(&self.key, &marked, version, held.lease()))
+                .await?;
+            current = marked;
+            version = Some(saved);
 
             // Step 5: present the refresh token, if the lease outlasts the request.
             let timeout = self.endpoint.profile().request_timeout;
@@ -292,7 +303,9 @@ impl Inner {
                         sent_at,
                         self.clock.now(),
                     );
-                    return self.save_rotated(held, next, version, sent_at).await;
+                    return self
+                        .save_rotated(held, next, version, sent_at, Some(refresh_token))
+                        .await;
                 }
                 // Step 7.
                 Err(RefreshFailure::InvalidGrant(provider)) => {
@@ -360,6 +373,10 @@ impl Inner {
             match reconcile(&unsaved, stored.as_ref()) {
                 Reconciled::AlreadySaved(version) => {
                     self.saved(&unsaved.set);
+                    if let Some(stored) = stored {
+                        self.remember(&stored.value);
+                        return Ok((stored.value, Some(version)));
+                    }
                     return Ok((unsaved.set, Some(version)));
                 }
                 Reconciled::Save(expected) => {
@@ -417,14 +434,15 @@ impl Inner {
             // The store's lease is a lock that lasts as long as its holder: we have it,
             // so that holder is gone, and with it any successor of the token.
             tracing::info!(key = %self.key, "the holder that was presenting this refresh token died; presenting it again");
+            self.state().metrics.takeovers += 1;
             return Ok(());
         }
         let now = self.now();
         let mut state = self.state();
         let first_seen = match &state.foreign_rotation {
-            Some((holder, at)) if *holder == rotation.holder => *at,
+            Some((seen, at)) if seen == rotation => *at,
             _ => {
-                state.foreign_rotation = Some((rotation.holder.clone(), now));
+                state.foreign_rotation = Some((rotation.clone(), now));
                 now
             }
         };
@@ -452,9 +470,18 @@ impl Inner {
         next: TokenSet,
         version: Option<u64>,
         sent_at: OffsetDateTime,
+        presented: Option<RefreshToken>,
     ) -> Outcome {
         {
             let mut state = self.state();
+            if let Some(used) = presented
+                && next.refresh_token.as_ref() != Some(&used)
+            {
+                state.consumed.push_back(used);
+                if state.consumed.len() > CONSUMED_KEPT {
+                    state.consumed.pop_front();
+                }
+            }
             state.unsaved = Some(Unsaved {
                 set: next.clone(),
                 expected: version,
@@ -483,68 +510,93 @@ impl Inner {
     /// Retries saving the unsaved rotated set until it is saved, found saved, or
     /// superseded, holding the lease throughout (re-taking it if it was lost), so that no
     /// other holder presents the refresh token this source consumed. Store faults are
-    /// retried every 100 to 500 ms.
+    /// retried every 100 to 500 ms. A panic in one attempt is one failed attempt: the
+    /// lease stays held. A store that cannot be read at all (corrupt data, a missing
+    /// table) is retried every 5 s with the lease released: nobody can present anything
+    /// from it meanwhile, and an import can repair it.
     pub(crate) async fn persist(&self, mut held: Option<HeldLease>) {
         let mut failures = 0u32;
         loop {
             let Some(unsaved) = self.state().unsaved.clone() else {
                 break;
             };
-            if held.as_ref().is_none_or(HeldLease::is_lost) {
-                if let Some(lost) = held.take() {
-                    lost.release().await;
+            let attempt = std::panic::AssertUnwindSafe(self.persist_once(&mut held, &unsaved));
+            let pause = match futures_util::FutureExt::catch_unwind(attempt).await {
+                Ok(Ok(())) => break,
+                Ok(Err(e)) if !e.is_transient() => {
+                    tracing::error!(key = %self.key, error = %e, "the store cannot hold the rotated token set; retrying in 5 s");
+                    if let Some(lease) = held.take() {
+                        lease.release().await;
+                    }
+                    StdDuration::from_secs(5)
                 }
-                match self.acquire().await {
-                    Ok(lease) => held = Some(lease),
-                    Err(e) => {
-                        tracing::warn!(key = %self.key, error = %e, "could not retake the lease to save the rotated token set");
-                        tokio::time::sleep(store_step(failures)).await;
-                        failures = failures.saturating_add(1);
-                        continue;
-                    }
-                }
-            }
-            let Some(lease) = held.as_ref() else {
-                continue;
-            };
-            let attempt = async {
-                let stored = lease.op(self.store.load(&self.key)).await?;
-                match reconcile(&unsaved, stored.as_ref()) {
-                    Reconciled::AlreadySaved(_) => {
-                        tracing::info!(key = %self.key, "the rotated token set was saved after all");
-                    }
-                    Reconciled::Save(expected) => {
-                        lease
-                            .op(self
-                                .store
-                                .save(&self.key, &unsaved.set, expected, lease.lease()))
-                            .await?;
-                        tracing::info!(key = %self.key, "saved the rotated token set on retry");
-                    }
-                    Reconciled::Superseded => {
-                        tracing::warn!(key = %self.key, "a rotated token set that failed to save was superseded in the store; dropping it");
-                        let mut state = self.state();
-                        if state.unsaved.as_ref().is_some_and(|u| u.set == unsaved.set) {
-                            state.unsaved = None;
-                        }
-                        return Ok(());
-                    }
-                }
-                self.saved(&unsaved.set);
-                Ok::<(), StoreError>(())
-            };
-            match attempt.await {
-                Ok(()) => break,
-                Err(e) => {
+                Ok(Err(e)) => {
                     tracing::warn!(key = %self.key, error = %e, "saving the rotated token set failed again");
-                    lease.during(tokio::time::sleep(store_step(failures))).await;
-                    failures = failures.saturating_add(1);
+                    store_step(failures)
                 }
+                Err(_) => {
+                    tracing::error!(key = %self.key, "saving the rotated token set panicked; retrying");
+                    store_step(failures)
+                }
+            };
+            failures = failures.saturating_add(1);
+            match &held {
+                Some(lease) => lease.during(tokio::time::sleep(pause)).await,
+                None => tokio::time::sleep(pause).await,
             }
         }
         if let Some(lease) = held {
             lease.release().await;
         }
+    }
+
+    /// One attempt of [`Inner::persist`]: (re)take the lease if needed, read, settle.
+    async fn persist_once(
+        &self,
+        held: &mut Option<HeldLease>,
+        unsaved: &Unsaved,
+    ) -> Result<(), StoreError> {
+        if held.as_ref().is_none_or(HeldLease::is_lost) {
+            if let Some(lost) = held.take() {
+                lost.release().await;
+            }
+            *held = Some(
+                HeldLease::acquire(
+                    &self.store,
+                    &self.key,
+                    self.timing.lease_ttl,
+                    self.timing.store_timeout,
+                )
+                .await?,
+            );
+        }
+        let Some(lease) = held.as_ref() else {
+            return Err(StoreError::LeaseLost);
+        };
+        let stored = lease.op(self.store.load(&self.key)).await?;
+        match reconcile(unsaved, stored.as_ref()) {
+            Reconciled::AlreadySaved(_) => {
+                tracing::info!(key = %self.key, "the rotated token set was saved after all");
+            }
+            Reconciled::Save(expected) => {
+                lease
+                    .op(self
+                        .store
+                        .save(&self.key, &unsaved.set, expected, lease.lease()))
+                    .await?;
+                tracing::info!(key = %self.key, "saved the rotated token set on retry");
+            }
+            Reconciled::Superseded => {
+                tracing::warn!(key = %self.key, "a rotated token set that failed to save was superseded in the store; dropping it");
+                let mut state = self.state();
+                if state.unsaved.as_ref().is_some_and(|u| u.set == unsaved.set) {
+                    state.unsaved = None;
+                }
+                return Ok(());
+            }
+        }
+        self.saved(&unsaved.set);
+        Ok(())
     }
 
     /// A set is known saved: forget it as unsaved, remember it as the newest known.

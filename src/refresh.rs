@@ -31,7 +31,7 @@ use crate::secret::{AccessToken, ClientCredentials, RefreshToken};
 use crate::source::TokenSource;
 use crate::status::Metrics;
 use crate::store::{MemoryStore, TokenStore};
-use crate::token::{DEFAULT_LEEWAY, Freshness, TokenSet};
+use crate::token::{DEFAULT_LEEWAY, Freshness, RotationInFlight, TokenSet};
 
 /// A [`TokenSource`] that refreshes through a provider's token endpoint, exactly once per
 /// expiry across every task, process and machine that shares its [`TokenStore`].
@@ -272,16 +272,20 @@ impl RefreshingTokenSource {
                 .await
         }
         .await;
+        if result.is_ok() {
+            // Still under the lease: no flight of this source can have rotated anything
+            // since the seed was saved, so whatever is unsaved predates it.
+            inner.cache.store(None);
+            let mut state = inner.state();
+            state.unsaved = None;
+            state.backoff.succeeded();
+            state.store_spacing.succeeded();
+            state.dead = None;
+            state.rejected_access = None;
+            state.last_known = Some(seed);
+        }
         held.release().await;
         result?;
-        inner.cache.store(None);
-        let mut state = inner.state();
-        state.unsaved = None;
-        state.backoff.succeeded();
-        state.store_spacing.succeeded();
-        state.dead = None;
-        state.rejected_access = None;
-        state.last_known = Some(seed);
         Ok(())
     }
 
@@ -481,8 +485,12 @@ pub(crate) struct State {
     pub(crate) last_known: Option<TokenSet>,
     /// When the store was last read without the lease.
     pub(crate) last_look: Option<Instant>,
-    /// Another holder's write-ahead record, and when this source first saw it.
-    pub(crate) foreign_rotation: Option<(String, Instant)>,
+    /// Another holder's write-ahead record (the whole record: each presentation writes a
+    /// new one), and when this source first saw it.
+    pub(crate) foreign_rotation: Option<(RotationInFlight, Instant)>,
+    /// The refresh tokens this source presented and saw rotated (the newest few): a store
+    /// that hands one back has lost acknowledged writes, and it is never presented again.
+    pub(crate) consumed: std::collections::VecDeque<RefreshToken>,
 }
 
 /// How often a grant known to be dead is looked up again (a re-import by another process).
@@ -676,6 +684,8 @@ impl Inner {
         self.clear_flight(serial);
         let _ = tx.send(outcome);
         if persist {
+            // Resets `persisting` however this task ends (a runtime shutting down drops it).
+            let _persisting = Persisting(Arc::clone(self));
             if AssertUnwindSafe(self.persist(held))
                 .catch_unwind()
                 .await
@@ -683,7 +693,6 @@ impl Inner {
             {
                 tracing::error!(key = %self.key, "the task saving a rotated token set panicked; the next refresh retries the save");
             }
-            self.state().persisting = false;
         } else if let Some(held) = held {
             held.release().await;
         }
@@ -753,6 +762,15 @@ impl Inner {
         state.last_forced_refresh.is_none_or(|at| {
             self.now().saturating_duration_since(at) >= self.timing.forced_refresh_interval
         })
+    }
+}
+
+/// Marks the end of a persisting task, however it ends.
+struct Persisting(Arc<Inner>);
+
+impl Drop for Persisting {
+    fn drop(&mut self) {
+        self.0.state().persisting = false;
     }
 }
 

@@ -184,7 +184,8 @@ pub fn absolute_expiry(
         .map(|s| add_clamped(sent_at, Duration::seconds(s)));
     let absolute = fields
         .expires_at_ms
-        .and_then(|ms| OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok());
+        .and_then(|ms| OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok())
+        .map(|at| at.min(add_clamped(sent_at, MAX_LIFETIME)));
     let absolute = match absolute {
         Some(at) if at <= sent_at => {
             tracing::warn!(

@@ -3,9 +3,9 @@
 //! after the request was delivered, so that its answer is lost), while sixteen grants
 //! rotate short-lived tokens against the simulator's reuse detection. The provider never
 //! fails. What must hold: no refresh token presented twice, no grant revoked, every
-//! store holding its grant's newest refresh token, exactly two versions written per
-//! rotation (the write-ahead record and the rotated set), and callers served again within
-//! two seconds of the faults stopping.
+//! store holding its grant's newest refresh token, two versions written per rotation (the
+//! write-ahead record and the rotated set) plus at most one per attempt that failed on
+//! the store side, and callers served again within two seconds of the faults stopping.
 //!
 //! `TK_STORE_CHAOS_SECS` sets the faulty phase (default 20 s; the figures in the closing
 //! notes come from 120 s). The test binary re-executes itself: `store_chaos_child` is the
@@ -365,7 +365,8 @@ async fn store_chaos(backend: Backend, server_url: String, server_port: u16) {
          ({:.1}% faulted); reuse {}, revoked {}; callers during faults {ok_during} ok / \
          {errors_during} errors ({:.2}% served), after {} ok / {} errors; slowest caller served \
          again {recovery_ms} ms after the faults stopped; errors {kinds:?}; failed saves {}, \
-         store-side failures {}, takeovers {}; versions written {versions}",
+         store-side failures {}, takeovers {}; versions written {versions} \
+         ({} beyond two per rotation)",
         counters.refreshes,
         injected.chunks,
         injected.delayed,
@@ -381,6 +382,7 @@ async fn store_chaos(backend: Backend, server_url: String, server_port: u16) {
         sum(|r| r.failed_saves),
         sum(|r| r.store_failures),
         sum(|r| r.takeovers),
+        versions.saturating_sub(2 * counters.refreshes),
     );
     assert_eq!(
         counters.reuse_attempts, 0,
@@ -399,10 +401,21 @@ async fn store_chaos(backend: Backend, server_url: String, server_port: u16) {
         (injected.delayed + injected.cut_before + injected.cut_after) * 10 >= injected.chunks,
         "at least 10% of the store traffic was delayed or cut: {injected:?}"
     );
-    assert_eq!(
-        versions,
-        2 * counters.refreshes,
-        "two versions per rotation: the write-ahead record and the rotated set"
+    // Two versions per rotation (the write-ahead record and the rotated set), plus one
+    // for each attempt that wrote its record and then failed on the store side before
+    // presenting anything.
+    let extra = versions
+        .checked_sub(2 * counters.refreshes)
+        .unwrap_or_else(|| {
+            panic!(
+                "fewer versions ({versions}) than two per rotation ({})",
+                counters.refreshes
+            )
+        });
+    assert!(
+        extra <= sum(|r| r.store_failures),
+        "{extra} versions beyond two per rotation, {} store-side failures",
+        sum(|r| r.store_failures)
     );
     assert!(
         counters.refreshes >= 100 * secs / 20,

@@ -3,6 +3,7 @@
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -201,20 +202,31 @@ impl TokenStore for FileStore {
         lease: &Lease,
     ) -> Result<u64, StoreError> {
         let lock_path = self.lock_path(key)?;
-        let ours = lease
+        let Some(lock) = lease
             .guard()
             .and_then(|g| (g as &dyn std::any::Any).downcast_ref::<FileLock>())
-            .is_some_and(|lock| lock.path == lock_path);
-        if !ours {
+            .filter(|lock| lock.path == lock_path)
+        else {
             return Err(StoreError::LeaseLost);
-        }
+        };
+        // The write holds the locked file open until it is done: a caller that stops
+        // waiting and releases the lease does not unlock the key under a write still in
+        // progress (the OS lock lasts as long as any handle to it).
+        let locked = Arc::clone(&lock.file);
         let (store, key, token) = (self.clone(), key.to_owned(), token.clone());
         blocking(move || {
+            let _locked = locked;
             let current = store.read(&key)?.map(|v| v.version);
             if current != expected {
                 return Err(StoreError::Conflict);
             }
-            let version = current.map_or(1, |v| v + 1);
+            let version = match current {
+                None => 1,
+                Some(v) => v.checked_add(1).ok_or_else(|| StoreError::Corrupt {
+                    key: key.clone(),
+                    reason: "the stored version cannot grow any further".into(),
+                })?,
+            };
             store
                 .write_atomically(&key, &encode(&token, version))
                 .map_err(StoreError::unavailable)?;
@@ -246,7 +258,7 @@ impl TokenStore for FileStore {
                         None,
                         FileLock {
                             path: path_for_lock.clone(),
-                            _file: file,
+                            file: Arc::new(file),
                         },
                     )
                 })),
@@ -259,11 +271,11 @@ impl TokenStore for FileStore {
     }
 }
 
-/// The held lock file; dropping it closes the file, which releases the lock.
+/// The held lock file; when the last handle to it closes, the lock is released.
 #[derive(Debug)]
 struct FileLock {
     path: PathBuf,
-    _file: File,
+    file: Arc<File>,
 }
 
 #[async_trait]
@@ -279,6 +291,8 @@ impl LeaseRelease for FileLock {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::file_stem;
 
     #[test]
@@ -294,6 +308,32 @@ mod tests {
             .collect();
         names.sort();
         assert_eq!(names, [".other~live.tmp", "k.json"]);
+    }
+
+    /// A write still running when its caller gave up (and released the lease) keeps the
+    /// key locked until it is done: no other holder writes under it.
+    #[tokio::test]
+    async fn a_write_in_flight_keeps_the_lock_after_the_lease_is_released() {
+        use crate::store::{StoreError, TokenStore};
+        let dir = tempfile::tempdir().unwrap();
+        let store = super::FileStore::new(dir.path());
+        let lease = store.lease("k", Duration::from_secs(5)).await.unwrap();
+        let in_flight = lease
+            .guard()
+            .and_then(|g| (g as &dyn std::any::Any).downcast_ref::<super::FileLock>())
+            .map(|lock| std::sync::Arc::clone(&lock.file))
+            .unwrap();
+        lease.release().await.unwrap();
+        let other = store.lease("k", Duration::from_millis(100)).await;
+        assert!(
+            matches!(other, Err(StoreError::LeaseTimeout { .. })),
+            "{other:?}"
+        );
+        drop(in_flight);
+        store
+            .lease("k", Duration::from_millis(500))
+            .await
+            .expect("free once the write is done");
     }
 
     #[test]

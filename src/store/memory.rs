@@ -60,7 +60,10 @@ impl MemoryStore {
     /// importing a token from elsewhere would. Returns the new version.
     pub fn put(&self, key: &str, token: TokenSet) -> u64 {
         let mut state = self.shared.lock();
-        let version = state.entries.get(key).map_or(1, |v| v.version + 1);
+        let version = state
+            .entries
+            .get(key)
+            .map_or(1, |v| v.version.saturating_add(1));
         state.entries.insert(
             key.to_owned(),
             Versioned {
@@ -101,7 +104,13 @@ impl TokenStore for MemoryStore {
         if current != expected {
             return Err(StoreError::Conflict);
         }
-        let version = current.map_or(1, |v| v + 1);
+        let version = match current {
+            None => 1,
+            Some(v) => v.checked_add(1).ok_or_else(|| StoreError::Corrupt {
+                key: key.to_owned(),
+                reason: "the stored version cannot grow any further".into(),
+            })?,
+        };
         state.entries.insert(
             key.to_owned(),
             Versioned {

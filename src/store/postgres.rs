@@ -42,8 +42,8 @@
 //! [`PostgresStore::with_operation_timeout`] (default 5 s); a connection whose operation
 //! timed out is closed rather than returned to the pool, so a connection the network
 //! silently dropped stalls nothing for long. [`PostgresStore::connect`] also sets the
-//! server's `statement_timeout` to the same bound (unless the connection string sets one)
-//! and TCP keepalives.
+//! server's `statement_timeout` to the default bound, 5 s (unless the connection string
+//! sets one: `options=-c statement_timeout=...`), and TCP keepalives.
 //!
 //! A missing table is [`StoreError::Misconfigured`], naming the table and
 //! [`PostgresStore::create_schema`], which the store never runs by itself (the role that
@@ -123,7 +123,8 @@ impl Sql {
                  VALUES ($1, $2, 1, clock_timestamp() + $3::bigint * interval '1 millisecond') \
                  ON CONFLICT (key) DO UPDATE \
                  SET lease_owner = EXCLUDED.lease_owner, \
-                     lease_fencing = t.lease_fencing + 1, \
+                     lease_fencing = CASE WHEN t.lease_owner = EXCLUDED.lease_owner \
+                                     THEN t.lease_fencing ELSE t.lease_fencing + 1 END, \
                      lease_expires_at = EXCLUDED.lease_expires_at \
                  WHERE t.lease_expires_at IS NULL OR t.lease_expires_at <= clock_timestamp() \
                     OR t.lease_owner = EXCLUDED.lease_owner \
@@ -497,9 +498,15 @@ impl TokenStore for PostgresStore {
         let (owner_ref, errors_ref) = (&owner, &errors);
         // A connection per attempt: a waiting taker never holds one of the pool's
         // connections while the holder needs it to save.
+        let give_up = super::deadline_after(ttl);
         let taken = poll_lease(key, ttl, || async move {
             // Taken before asking: the lease surely ends no later than this plus ttl.
             let asked_at = Instant::now();
+            // No attempt outlasts the wait: a lease() that returns has no request of its
+            // own still in flight that could grant it later.
+            let left = give_up
+                .saturating_duration_since(asked_at)
+                .max(Duration::from_millis(100));
             let attempt = async {
                 let client = self.client().await?;
                 self.bounded(client, async |client| {
@@ -514,7 +521,8 @@ impl TokenStore for PostgresStore {
                 })
                 .await
             };
-            let row = match attempt.await {
+            let attempt = tokio::time::timeout(left, attempt);
+            let row = match attempt.await.unwrap_or(Err(StoreError::Timeout(left))) {
                 Ok(row) => row,
                 // The grant may have happened with its answer lost: ask again as the same
                 // owner (the upsert is idempotent for it), a few times.

@@ -235,28 +235,26 @@ impl RedisStore {
     /// ones) are not checked.
     async fn checked_for_durability(self) -> Self {
         let mut connection = self.connection.clone();
-        let config: Result<Vec<String>, _> = redis::cmd("CONFIG")
-            .arg("GET")
-            .arg("appendonly")
-            .arg("save")
-            .arg("maxmemory-policy")
-            .query_async(&mut connection)
-            .await;
-        let Ok(config) = config else {
-            tracing::debug!(url = %self.redacted_url, "cannot read the Redis configuration; durability not checked");
-            return self;
-        };
-        let value = |name: &str| {
-            config
-                .chunks(2)
-                .find(|pair| pair.first().is_some_and(|k| k == name))
-                .and_then(|pair| pair.get(1))
-                .map(String::as_str)
-        };
+        let mut values = Vec::new();
+        // One parameter per CONFIG GET: Redis before 7 takes only one.
+        for name in ["appendonly", "save", "maxmemory-policy"] {
+            let pair: Result<Vec<String>, _> = redis::cmd("CONFIG")
+                .arg("GET")
+                .arg(name)
+                .query_async(&mut connection)
+                .await;
+            match pair {
+                Ok(pair) => values.push(pair.get(1).cloned()),
+                Err(_) => {
+                    tracing::debug!(url = %self.redacted_url, "cannot read the Redis configuration; durability not checked");
+                    return self;
+                }
+            }
+        }
         for warning in durability_warnings(
-            value("appendonly"),
-            value("save"),
-            value("maxmemory-policy"),
+            values[0].as_deref(),
+            values[1].as_deref(),
+            values[2].as_deref(),
         ) {
             tracing::warn!(url = %self.redacted_url, "{warning}");
         }
@@ -346,7 +344,13 @@ impl TokenStore for RedisStore {
         else {
             return Err(StoreError::LeaseLost);
         };
-        let version = expected.map_or(1, |v| v + 1);
+        let version = match expected {
+            None => 1,
+            Some(v) => v.checked_add(1).ok_or_else(|| StoreError::Corrupt {
+                key: key.to_owned(),
+                reason: "the stored version cannot grow any further".into(),
+            })?,
+        };
         let expected = expected.map(|v| v.to_string()).unwrap_or_default();
         let mut connection = self.connection.clone();
         let outcome: i64 = self
@@ -377,19 +381,33 @@ impl TokenStore for RedisStore {
         let errors = std::sync::atomic::AtomicU32::new(0);
         let (lease_key_ref, fencing_key_ref, owner_ref, errors_ref) =
             (&lease_key, &fencing_key, &owner, &errors);
+        let give_up = super::deadline_after(ttl);
         let taken = poll_lease(key, ttl, || async move {
             let mut connection = self.connection.clone();
             // Taken before asking: the lease surely ends no later than this plus ttl.
             let asked_at = Instant::now();
-            let answer: Result<(i64, i64), _> = self
-                .scripts
-                .acquire
-                .key(lease_key_ref)
-                .key(fencing_key_ref)
-                .arg(owner_ref)
-                .arg(ttl_ms)
-                .invoke_async(&mut connection)
-                .await;
+            // No attempt outlasts the wait: a lease() that returns has no request of its
+            // own still unanswered, unless it frees it below.
+            let left = give_up
+                .saturating_duration_since(asked_at)
+                .max(Duration::from_millis(100));
+            let answer = tokio::time::timeout(
+                left,
+                self.scripts
+                    .acquire
+                    .key(lease_key_ref)
+                    .key(fencing_key_ref)
+                    .arg(owner_ref)
+                    .arg(ttl_ms)
+                    .invoke_async::<(i64, i64)>(&mut connection),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(redis::RedisError::from((
+                    redis::ErrorKind::Io,
+                    "no answer within the lease wait",
+                )))
+            });
             let (fencing, _remaining_ms) = match answer {
                 Ok(answer) => answer,
                 // The grant may have happened with its answer lost: ask again as the same
@@ -484,7 +502,7 @@ fn durability_warnings(
     let mut warnings = Vec::new();
     if appendonly == Some("no") && save.is_some_and(|s| s.trim().is_empty()) {
         warnings.push(
-            "this Redis server keeps nothing on disk (appendonly no, no snapshots): a restart loses every stored grant. Use appendonly yes (appendfsync everysec or always)",
+            "this Redis server keeps nothing on disk (appendonly no, no snapshots): a restart loses every stored grant. Use appendonly yes with appendfsync always",
         );
     } else if appendonly == Some("no") {
         warnings.push(
