@@ -3,14 +3,16 @@
 //!
 //! 0. Read the store without the lease; adopt a fresh set another process saved.
 //! 1. Take the store's lease for the key; it is renewed while this source works under it.
+//!    While waiting for it, read the store now and then: adopt what the holder saves.
 //! 2. Read the store again under the lease. First settle a rotated set this source failed
 //!    to save earlier (save it over the version its save expected, find it already
 //!    stored, or drop it because something newer is stored). Adopt a fresh set. If the
 //!    key is missing, restore the newest set this source knew, or seed the initial
 //!    refresh token if it never knew one.
 //! 3. If another holder's write-ahead record is on the set, that holder may be presenting
-//!    the refresh token, alive, with the successor in memory: wait for it (a transient
-//!    error), unless its lease was a lock its death released, or it has been gone for
+//!    the refresh token, alive, with the successor in memory: wait for it (reading the
+//!    store, then a transient error), unless its lease was a lock its death released, or
+//!    it has been gone for
 //!    [`Builder::abandoned_rotation_after`](crate::Builder::abandoned_rotation_after).
 //! 4. Write this source's write-ahead record on the set (compare-and-swap).
 //! 5. Present the refresh token, if the lease outlasts the request.
@@ -35,6 +37,10 @@ use crate::retry::store_step;
 use crate::secret::{AccessToken, RefreshToken};
 use crate::store::{StoreError, Versioned};
 use crate::token::{Freshness, RotationInFlight, TokenSet, absolute_expiry, add_clamped};
+
+/// How often a source waiting for another holder (its lease, or its rotation in flight)
+/// reads the store to adopt what that holder saves.
+const WATCH_WHILE_WAITING: StdDuration = StdDuration::from_millis(200);
 
 /// How many consumed refresh tokens a source remembers.
 const CONSUMED_KEPT: usize = 4;
@@ -137,10 +143,12 @@ impl Inner {
     }
 
     /// Step 3's wait, with the lease released so that the other holder can save: reads
-    /// the store every 100 ms, for up to a second, and adopts the set it saves.
+    /// the store every 200 ms, for up to a lease ttl (the time a live holder needs to
+    /// take its lease again and save), and adopts the set it saves.
     async fn await_rotation(&self, reason: Reason) -> Option<AccessToken> {
-        for _ in 0..10 {
-            tokio::time::sleep(StdDuration::from_millis(100)).await;
+        let until = crate::store::deadline_after(self.timing.lease_ttl);
+        while tokio::time::Instant::now() < until {
+            tokio::time::sleep(WATCH_WHILE_WAITING).await;
             if let Ok(Some(token)) = self.look_for_fresh(reason).await {
                 return Some(token);
             }
@@ -205,10 +213,31 @@ impl Inner {
 
     /// Steps 1 to 8, under the lease. Returns the lease when a rotated set is left unsaved.
     async fn refresh(self: &std::sync::Arc<Self>, reason: Reason) -> (Outcome, Option<HeldLease>) {
-        // Step 1.
-        let held = match self.acquire().await {
-            Ok(held) => held,
-            Err(e) => return (Err(e), None),
+        // Step 1. While waiting for the lease, watch the store: the holder may save a
+        // fresh set, which this source adopts at once (the lease, if it comes, is then
+        // given back).
+        let mut acquiring = tokio::spawn({
+            let inner = std::sync::Arc::clone(self);
+            async move { inner.acquire().await }
+        });
+        let held = loop {
+            tokio::select! {
+                acquired = &mut acquiring => match acquired {
+                    Ok(Ok(held)) => break held,
+                    Ok(Err(e)) => return (Err(e), None),
+                    Err(_) => return (Err(Error::transient(TransientKind::Interrupted, None)), None),
+                },
+                () = tokio::time::sleep(WATCH_WHILE_WAITING) => {
+                    if let Ok(Some(token)) = self.look_for_fresh(reason).await {
+                        tokio::spawn(async move {
+                            if let Ok(Ok(held)) = acquiring.await {
+                                held.release().await;
+                            }
+                        });
+                        return (Ok(token), None);
+                    }
+                }
+            }
         };
         // A panic under the lease must not release it while a rotated set is unsaved.
         let outcome = std::panic::AssertUnwindSafe(self.under_lease(&held, reason));

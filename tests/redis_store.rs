@@ -9,8 +9,7 @@ mod scenarios;
 #[path = "support/servers.rs"]
 mod servers;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use proxy::{FaultConfig, FaultProxy, NextFault};
@@ -141,51 +140,22 @@ async fn redis_a_lease_grant_whose_answer_was_lost_is_not_lost() {
     lease.release().await.unwrap();
 }
 
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
-    type Writer = Captured;
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
-    }
-}
-
-/// What `RedisStore::connect` logs about the server's durability.
-fn connect_logs(url: &str) -> String {
-    let captured = Captured::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::WARN)
-        .with_writer(captured.clone())
-        .finish();
-    tracing::subscriber::with_default(subscriber, || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(RedisStore::connect(url)).unwrap();
-    });
-    String::from_utf8(captured.0.lock().unwrap().clone()).unwrap()
-}
-
 /// A server that keeps nothing on disk can lose every grant on restart: `connect` says
-/// so. A server with an append-only file gets no such warning.
-#[test]
-fn redis_connect_warns_when_the_server_can_lose_keys() {
+/// so (and logs it). A server with an append-only file gets no such warning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_connect_warns_when_the_server_can_lose_keys() {
     let volatile = RedisServer::start();
-    let logs = connect_logs(&volatile.url());
-    assert!(logs.contains("keeps nothing on disk"), "{logs}");
+    let store = connect(&volatile).await;
+    let warnings = store.durability_warnings();
+    assert!(
+        warnings.iter().any(|w| w.contains("keeps nothing on disk")),
+        "{warnings:?}"
+    );
     let durable = RedisServer::start_persistent();
-    let logs = connect_logs(&durable.url());
-    assert!(!logs.contains("WARN"), "{logs}");
+    let store = connect(&durable).await;
+    assert!(
+        store.durability_warnings().is_empty(),
+        "{:?}",
+        store.durability_warnings()
+    );
 }

@@ -139,6 +139,8 @@ pub struct RedisStore {
     /// The URL without its password, for Debug.
     redacted_url: Arc<str>,
     scripts: Arc<Scripts>,
+    /// What `connect` found that can make the server lose keys.
+    durability: Arc<[&'static str]>,
 }
 
 struct Scripts {
@@ -222,9 +224,17 @@ impl RedisStore {
                 renew: Script::new(RENEW),
                 save: Script::new(SAVE),
             }),
+            durability: Arc::from([]),
         }
         .checked_for_durability()
         .await)
+    }
+
+    /// What [`RedisStore::connect`] found in the server's configuration that can make it
+    /// lose keys (each also logged at warn when connecting); empty when nothing was found
+    /// or the configuration could not be read (`CONFIG` disabled).
+    pub fn durability_warnings(&self) -> &[&'static str] {
+        &self.durability
     }
 
     /// Warns (once, at connect) when the server can lose keys: a restart without an
@@ -233,11 +243,11 @@ impl RedisStore {
     /// newest set, and one that never did present its initial refresh token, which the
     /// provider may have seen already. Servers that forbid `CONFIG GET` (many managed
     /// ones) are not checked.
-    async fn checked_for_durability(self) -> Self {
+    async fn checked_for_durability(mut self) -> Self {
         let mut connection = self.connection.clone();
         let mut values = Vec::new();
         // One parameter per CONFIG GET: Redis before 7 takes only one.
-        for name in ["appendonly", "save", "maxmemory-policy"] {
+        for name in ["appendonly", "save", "maxmemory-policy", "appendfsync"] {
             let pair: Result<Vec<String>, _> = redis::cmd("CONFIG")
                 .arg("GET")
                 .arg(name)
@@ -251,13 +261,16 @@ impl RedisStore {
                 }
             }
         }
-        for warning in durability_warnings(
+        let warnings = durability_warnings(
             values[0].as_deref(),
             values[1].as_deref(),
             values[2].as_deref(),
-        ) {
+            values[3].as_deref(),
+        );
+        for warning in &warnings {
             tracing::warn!(url = %self.redacted_url, "{warning}");
         }
+        self.durability = Arc::from(warnings);
         self
     }
 
@@ -498,8 +511,14 @@ fn durability_warnings(
     appendonly: Option<&str>,
     save: Option<&str>,
     maxmemory_policy: Option<&str>,
+    appendfsync: Option<&str>,
 ) -> Vec<&'static str> {
     let mut warnings = Vec::new();
+    if appendonly == Some("yes") && appendfsync.is_some_and(|f| f != "always") {
+        warnings.push(
+            "this Redis server does not fsync every write (appendfsync is not always): a crash loses the last acknowledged rotations. Use appendfsync always",
+        );
+    }
     if appendonly == Some("no") && save.is_some_and(|s| s.trim().is_empty()) {
         warnings.push(
             "this Redis server keeps nothing on disk (appendonly no, no snapshots): a restart loses every stored grant. Use appendonly yes with appendfsync always",
@@ -557,22 +576,27 @@ mod tests {
 
     #[test]
     fn servers_that_can_lose_keys_are_named() {
-        use super::durability_warnings;
+        use super::durability_warnings as check;
+        let always = Some("always");
         assert_eq!(
-            durability_warnings(Some("no"), Some(""), Some("noeviction")).len(),
+            check(Some("no"), Some(""), Some("noeviction"), always).len(),
             1
         );
         assert_eq!(
-            durability_warnings(Some("no"), Some("3600 1"), Some("noeviction")).len(),
+            check(Some("no"), Some("3600 1"), Some("noeviction"), always).len(),
             1
         );
         assert_eq!(
-            durability_warnings(Some("yes"), Some(""), Some("allkeys-lru")).len(),
+            check(Some("yes"), Some(""), Some("allkeys-lru"), always).len(),
             1
         );
-        assert!(durability_warnings(Some("yes"), Some(""), Some("noeviction")).is_empty());
-        assert!(durability_warnings(Some("yes"), Some(""), Some("volatile-lru")).is_empty());
-        assert!(durability_warnings(None, None, None).is_empty());
+        assert_eq!(
+            check(Some("yes"), Some(""), Some("noeviction"), Some("everysec")).len(),
+            1
+        );
+        assert!(check(Some("yes"), Some(""), Some("noeviction"), always).is_empty());
+        assert!(check(Some("yes"), Some(""), Some("volatile-lru"), always).is_empty());
+        assert!(check(None, None, None, None).is_empty());
     }
 
     #[test]
