@@ -25,10 +25,11 @@
 //! - A stale token (within the leeway of its expiry) is returned at once while one
 //!   refresh runs in the background; an expired one waits for that one refresh.
 //! - The refresh runs in a spawned task under the store's lease, reloads the stored token
-//!   set first (another process may have refreshed), presents the refresh token read under
-//!   the lease, and saves the rotated tokens with a compare-and-swap before anyone uses
-//!   them. Single-use refresh tokens are never presented twice, across tasks, processes
-//!   and machines that share a store.
+//!   set first (another process may have refreshed), writes a write-ahead record, presents
+//!   the refresh token read under the lease, and saves the rotated tokens with a
+//!   compare-and-swap before anyone uses them; a failed save keeps the key locked until it
+//!   lands. Single-use refresh tokens are never presented twice, across tasks, processes
+//!   and machines that share a store, whatever the store does (ARCHITECTURE.md).
 //! - Failures are typed ([`Error`]): [`Error::ReauthorizationRequired`] means a person
 //!   must consent again; [`Error::Transient`] means wait, nothing was lost.
 //!
@@ -47,7 +48,7 @@
 //!
 //! | feature | what it adds |
 //! |---|---|
-//! | `testing` | [`testing`]: a provider simulator on loopback, for examples and your own tests |
+//! | `testing` | [`testing`]: a provider simulator on loopback and a fault-injecting store wrapper, for examples and your own tests |
 //! | `conformance` | `store::conformance`: the suite every [`TokenStore`] must pass |
 //! | `middleware` | `middleware`: reactive refresh (invalidate and retry once on 401, HighQ 403) as a `reqwest-middleware` middleware and a plain `send_with_token` helper |
 //! | `redis` | `store::redis::RedisStore`: token sets in Redis for replicas on several machines; `SET NX PX` leases with fencing numbers checked by the save |

@@ -273,3 +273,41 @@ async fn other_rfc_errors_are_request_rejections() {
         );
     }
 }
+
+/// An echoed secret is scrubbed before the text is cut to length: a secret straddling the
+/// cut, or echoed percent-encoded, leaves no part of itself behind.
+#[tokio::test]
+async fn echoed_secrets_are_scrubbed_before_the_text_is_cut() {
+    for offset in [185, 190, 195, 199] {
+        let description = format!("{}{REFRESH_TOKEN} trailing", "x".repeat(offset));
+        let body =
+            serde_json::json!({"error": "invalid_request", "error_description": description});
+        let error = error_for(Provider::Lucid, json(400, body.to_string())).await;
+        let shown = format!("{error} {error:?}");
+        // Any 12-character piece of the token would be a leak.
+        for piece in REFRESH_TOKEN.as_bytes().windows(12) {
+            let piece = std::str::from_utf8(piece).unwrap();
+            assert!(
+                !shown.contains(piece),
+                "offset {offset}: {piece} leaked in {shown}"
+            );
+        }
+    }
+    let encoded: String = url::form_urlencoded::byte_serialize(CLIENT_SECRET.as_bytes()).collect();
+    let percent: String = CLIENT_SECRET
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() {
+                char::from(b).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    for echoed in [encoded, percent] {
+        let body = serde_json::json!({"error": "invalid_client", "error_description": format!("client secret {echoed} refused")});
+        let error = error_for(Provider::Lucid, json(401, body.to_string())).await;
+        let shown = format!("{error} {error:?}");
+        assert!(!shown.contains(&echoed), "{shown}");
+    }
+}

@@ -1,5 +1,6 @@
 //! Test support (feature `testing`): a provider simulator for examples, this crate's tests
-//! and your own integration tests. No credentials, no network beyond loopback.
+//! and your own integration tests, and [`FaultyStore`], which injects store faults. No
+//! credentials, no network beyond loopback.
 
 mod faults;
 mod simulator;
