@@ -100,7 +100,7 @@ async fn run(weak: Weak<Inner>, duty: Duty, jitter: f64) {
                 tracing::warn!(key = %source.inner.key, error = %e, "background refresh failed");
                 // A store fault is retried within a second or so; anything else as the
                 // error says, or in a minute.
-                let default = if crate::protocol::is_store_side(&e) {
+                let default = if crate::retry::is_store_side(&e) {
                     StdDuration::from_secs(1)
                 } else {
                     StdDuration::from_secs(60)

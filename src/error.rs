@@ -209,3 +209,9 @@ fn provider_suffix(provider: &Option<ProviderError>) -> String {
         .map(|p| format!(" ({p})"))
         .unwrap_or_default()
 }
+
+/// The cause of an [`Error::Transient`] whose refresh task panicked (the panic message is
+/// not kept: it is not ours to vouch for).
+#[derive(Debug, thiserror::Error)]
+#[error("the refresh task panicked")]
+pub(crate) struct Panicked;

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::error::{Error, TransientKind};
 use crate::store::{Lease, StoreError, TokenStore, deadline_after};
 
 /// A held lease on one key, with the store it came from.
@@ -168,5 +169,17 @@ impl HeldLease {
                 tracing::warn!(key = %key, error = %e, "could not release the store lease; it will expire")
             }
         }
+    }
+}
+
+/// A store lease failure as the caller sees it: a busy lease is transient and says so.
+pub(crate) fn lease_error(e: StoreError) -> Error {
+    match e {
+        StoreError::LeaseTimeout { .. } => Error::Transient {
+            kind: TransientKind::LeaseBusy,
+            retry_after: None,
+            source: Some(std::sync::Arc::new(e)),
+        },
+        e => Error::Storage(e),
     }
 }

@@ -45,37 +45,6 @@ const WATCH_WHILE_WAITING: StdDuration = StdDuration::from_millis(200);
 /// How many consumed refresh tokens a source remembers.
 const CONSUMED_KEPT: usize = 4;
 
-/// A store lease failure as the caller sees it: a busy lease is transient and says so.
-pub(crate) fn lease_error(e: StoreError) -> Error {
-    match e {
-        StoreError::LeaseTimeout { .. } => Error::Transient {
-            kind: TransientKind::LeaseBusy,
-            retry_after: None,
-            source: Some(std::sync::Arc::new(e)),
-        },
-        e => Error::Storage(e),
-    }
-}
-
-/// Whether an error came from the store side (the store, its lease, another holder's
-/// rotation, a panicked task) rather than from the provider: those are spaced briefly and
-/// never start the provider's backoff.
-pub(crate) fn is_store_side(e: &Error) -> bool {
-    match e {
-        Error::Storage(_) => true,
-        Error::Transient {
-            kind: TransientKind::LeaseBusy | TransientKind::RotationInFlight,
-            ..
-        } => true,
-        Error::Transient {
-            kind: TransientKind::Interrupted,
-            source: Some(source),
-            ..
-        } => source.is::<crate::refresh::Panicked>(),
-        _ => false,
-    }
-}
-
 /// How a rotated set that failed to save relates to what the store holds now.
 enum Reconciled {
     /// The store holds it: the failed save had in fact landed.
@@ -246,7 +215,7 @@ impl Inner {
             Err(_) => Err(Error::Transient {
                 kind: TransientKind::Interrupted,
                 retry_after: None,
-                source: Some(std::sync::Arc::new(crate::refresh::Panicked)),
+                source: Some(std::sync::Arc::new(crate::error::Panicked)),
             }),
         };
         if self.state().unsaved.is_some() {

@@ -29,7 +29,7 @@ use crate::provider::ProviderProfile;
 use crate::retry::{Backoff, StoreSpacing};
 use crate::secret::{AccessToken, ClientCredentials, RefreshToken};
 use crate::source::TokenSource;
-use crate::status::Metrics;
+use crate::status::{Metrics, Status};
 use crate::store::{MemoryStore, TokenStore};
 use crate::token::{DEFAULT_LEEWAY, Freshness, RotationInFlight, TokenSet};
 
@@ -338,6 +338,31 @@ impl RefreshingTokenSource {
     }
 }
 
+impl RefreshingTokenSource {
+    /// A health snapshot: expiries, time left before re-authorization, last refresh,
+    /// last error, counters.
+    pub fn status(&self) -> Status {
+        let inner = &self.inner;
+        let cached = inner.cache.load_full();
+        let state = inner.state();
+        let refresh_token_expires_at = cached.as_ref().and_then(|c| c.refresh_expires_at);
+        let reauthorization_in = if state.dead.is_some() {
+            Some(Duration::ZERO)
+        } else {
+            refresh_token_expires_at.map(|at| (at - inner.clock.now()).max(Duration::ZERO))
+        };
+        Status {
+            access_token_expires_at: cached.as_ref().and_then(|c| c.expires_at),
+            refresh_token_expires_at,
+            reauthorization_in,
+            last_refresh: state.last_refresh,
+            last_error: state.last_error.clone(),
+            rotation_unsaved: state.unsaved.is_some(),
+            metrics: state.metrics,
+        }
+    }
+}
+
 #[async_trait]
 impl TokenSource for RefreshingTokenSource {
     async fn access_token(&self) -> Result<AccessToken, Error> {
@@ -528,7 +553,7 @@ impl Inner {
             self.timing.store_timeout,
         )
         .await
-        .map_err(crate::protocol::lease_error)
+        .map_err(crate::lease::lease_error)
     }
 
     /// One store call without the lease, bounded by the store timeout.
@@ -728,7 +753,7 @@ impl Inner {
                         refresh_token,
                         checked_at: now,
                     });
-                } else if crate::protocol::is_store_side(e) {
+                } else if crate::retry::is_store_side(e) {
                     state.metrics.store_failures += 1;
                     let wait = state.store_spacing.failed(now, e);
                     if let Error::Transient { retry_after, .. } = e {
@@ -793,11 +818,6 @@ fn panicked(_payload: &(dyn std::any::Any + Send)) -> Error {
     Error::Transient {
         kind: TransientKind::Interrupted,
         retry_after: None,
-        source: Some(Arc::new(Panicked)),
+        source: Some(Arc::new(crate::error::Panicked)),
     }
 }
-
-/// The cause of an [`Error::Transient`] whose task panicked.
-#[derive(Debug, thiserror::Error)]
-#[error("the refresh task panicked")]
-pub(crate) struct Panicked;

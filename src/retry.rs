@@ -161,6 +161,25 @@ pub(crate) fn after(now: Instant, wait: Duration) -> Instant {
     now.checked_add(wait.min(MAX_RETRY_AFTER)).unwrap_or(now)
 }
 
+/// Whether an error came from the store side (the store, its lease, another holder's
+/// rotation, a panicked task) rather than from the provider: those are spaced briefly and
+/// never start the provider's backoff.
+pub(crate) fn is_store_side(e: &Error) -> bool {
+    match e {
+        Error::Storage(_) => true,
+        Error::Transient {
+            kind: TransientKind::LeaseBusy | TransientKind::RotationInFlight,
+            ..
+        } => true,
+        Error::Transient {
+            kind: TransientKind::Interrupted,
+            source: Some(source),
+            ..
+        } => source.is::<crate::error::Panicked>(),
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

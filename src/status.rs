@@ -1,9 +1,9 @@
-//! Health and metrics: [`Status`] and [`Metrics`], read by [`RefreshingTokenSource::status`].
+//! Health and metrics: [`Status`] and [`Metrics`], read by
+//! [`RefreshingTokenSource::status`](crate::RefreshingTokenSource::status).
 
 use time::{Duration, OffsetDateTime};
 
 use crate::error::Error;
-use crate::refresh::RefreshingTokenSource;
 
 /// Counters since the source was built, for metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -64,29 +64,4 @@ pub struct Status {
     pub rotation_unsaved: bool,
     /// Counters.
     pub metrics: Metrics,
-}
-
-impl RefreshingTokenSource {
-    /// A health snapshot: expiries, time left before re-authorization, last refresh,
-    /// last error, counters.
-    pub fn status(&self) -> Status {
-        let inner = &self.inner;
-        let cached = inner.cache.load_full();
-        let state = inner.state();
-        let refresh_token_expires_at = cached.as_ref().and_then(|c| c.refresh_expires_at);
-        let reauthorization_in = if state.dead.is_some() {
-            Some(Duration::ZERO)
-        } else {
-            refresh_token_expires_at.map(|at| (at - inner.clock.now()).max(Duration::ZERO))
-        };
-        Status {
-            access_token_expires_at: cached.as_ref().and_then(|c| c.expires_at),
-            refresh_token_expires_at,
-            reauthorization_in,
-            last_refresh: state.last_refresh,
-            last_error: state.last_error.clone(),
-            rotation_unsaved: state.unsaved.is_some(),
-            metrics: state.metrics,
-        }
-    }
 }

@@ -12,7 +12,7 @@ mod servers;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use proxy::{FaultConfig, FaultProxy, NextFault};
+use proxy::{FaultProxy, NextFault};
 use servers::PostgresServer;
 use tokenkeeper::store::StoreError;
 use tokenkeeper::store::conformance::{self, Leases, sample, unique_key};
@@ -148,11 +148,7 @@ async fn postgres_lease_waiters_never_starve_the_holders_save() {
 async fn postgres_a_silently_dropped_connection_stalls_nothing_for_long() {
     let server = PostgresServer::start();
     connect(&server).await;
-    let proxy = FaultProxy::start(
-        format!("127.0.0.1:{}", server.port()).parse().unwrap(),
-        FaultConfig::none(),
-    )
-    .await;
+    let proxy = FaultProxy::in_front_of(server.port()).await;
     let store = PostgresStore::connect(&proxy.url_via(&server.url()))
         .await
         .unwrap()
@@ -185,48 +181,16 @@ async fn postgres_a_silently_dropped_connection_stalls_nothing_for_long() {
     );
 }
 
-/// A lease granted whose answer was lost (the connection cut after the statement
-/// reached the server): the taker asks again as the same owner and gets it at once,
-/// instead of waiting for it to expire.
+/// A lease grant whose answer was lost is recovered at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_a_lease_grant_whose_answer_was_lost_is_not_lost() {
     let server = PostgresServer::start();
     connect(&server).await;
-    let proxy = FaultProxy::start(
-        format!("127.0.0.1:{}", server.port()).parse().unwrap(),
-        FaultConfig::none(),
-    )
-    .await;
+    let proxy = FaultProxy::in_front_of(server.port()).await;
     let store = PostgresStore::connect(&proxy.url_via(&server.url()))
         .await
         .unwrap();
-    // Warm the connection: the lease statement is prepared on it.
-    let warm = store
-        .lease(&unique_key("warm"), Duration::from_secs(5))
-        .await
-        .unwrap();
-    warm.release().await.unwrap();
-
-    let key = unique_key("lost-grant");
-    proxy.fault_next(NextFault::CutAfter);
-    let started = Instant::now();
-    let lease = store
-        .lease(&key, Duration::from_secs(20))
-        .await
-        .expect("the grant is recovered");
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "{:?}",
-        started.elapsed()
-    );
-    assert_eq!(proxy.counters().cut_after, 1, "the answer was lost once");
-    let other = store.lease(&key, Duration::from_millis(200)).await;
-    assert!(
-        matches!(other, Err(StoreError::LeaseTimeout { .. })),
-        "{other:?}"
-    );
-    store.save(&key, &sample("x"), None, &lease).await.unwrap();
-    lease.release().await.unwrap();
+    scenarios::a_lease_grant_whose_answer_was_lost_is_not_lost(&store, &proxy).await;
 }
 
 /// A newcomer who forgot `create_schema()` gets an error naming the table and the call,

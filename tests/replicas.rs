@@ -7,14 +7,17 @@
 //! simulator and the servers; children connect to both by URL and report on stdout.
 #![cfg(any(feature = "redis", feature = "postgres"))]
 
+#[path = "support/children.rs"]
+mod children;
 #[path = "support/servers.rs"]
 mod servers;
 
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use children::Backend;
 use serde::{Deserialize, Serialize};
 use tokenkeeper::store::conformance::unique_key;
 use tokenkeeper::testing::{Fault, Mode, Simulator};
@@ -24,13 +27,6 @@ use tokenkeeper::{
 };
 
 const CHILD_ENV: &str = "TK_CHILD";
-const RESULT_PREFIX: &str = "TK_RESULT ";
-
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
-enum Backend {
-    Redis,
-    Postgres,
-}
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 enum Role {
@@ -64,24 +60,8 @@ struct ChildReport {
 }
 
 async fn connect(backend: Backend, url: &str) -> Arc<dyn TokenStore> {
-    match backend {
-        #[cfg(feature = "redis")]
-        Backend::Redis => Arc::new(
-            tokenkeeper::store::redis::RedisStore::connect(url)
-                .await
-                .expect("connect to redis"),
-        ),
-        #[cfg(feature = "postgres")]
-        Backend::Postgres => {
-            let store = tokenkeeper::store::postgres::PostgresStore::connect(url)
-                .await
-                .expect("connect to postgres");
-            store.create_schema().await.expect("schema");
-            Arc::new(store)
-        }
-        #[allow(unreachable_patterns)]
-        other => panic!("{other:?} is not compiled in"),
-    }
+    children::prepare(backend, url).await;
+    children::connect(backend, url, None).await
 }
 
 /// The child process's entry point (a no-op when run as an ordinary test).
@@ -96,12 +76,7 @@ fn replica_child() {
         .enable_all()
         .build()
         .unwrap();
-    let report = runtime.block_on(run_child(config));
-    // The harness prints "test replica_child ... " on the same line first.
-    println!(
-        "\n{RESULT_PREFIX}{}",
-        serde_json::to_string(&report).unwrap()
-    );
+    children::print_report(&runtime.block_on(run_child(config)));
 }
 
 async fn run_child(config: ChildConfig) -> ChildReport {
@@ -192,30 +167,11 @@ async fn run_child(config: ChildConfig) -> ChildReport {
 }
 
 fn spawn_child(config: &ChildConfig) -> Child {
-    Command::new(std::env::current_exe().expect("current exe"))
-        .args([
-            "--exact",
-            "replica_child",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD_ENV, serde_json::to_string(config).unwrap())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn a child replica")
+    children::spawn("replica_child", CHILD_ENV, config)
 }
 
 fn report_of(child: Child) -> ChildReport {
-    let output = child.wait_with_output().expect("child output");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "child failed: {stdout}");
-    let line = stdout
-        .lines()
-        .find_map(|l| l.split_once(RESULT_PREFIX).map(|(_, report)| report))
-        .unwrap_or_else(|| panic!("no report from the child: {stdout}"));
-    serde_json::from_str(line).expect("child report")
+    children::report_of(child)
 }
 
 /// Four processes with 16 callers each, over more than 30 token lifetimes: exactly one

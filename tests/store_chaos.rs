@@ -12,16 +12,19 @@
 //! child's entry point, a no-op unless `TK_STORE_CHAOS_CHILD` holds its configuration.
 #![cfg(any(feature = "redis", feature = "postgres"))]
 
+#[path = "support/children.rs"]
+mod children;
 #[path = "support/proxy.rs"]
 mod proxy;
 #[path = "support/servers.rs"]
 mod servers;
 
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use children::Backend;
 use proxy::{FaultConfig, FaultProxy};
 use serde::{Deserialize, Serialize};
 use tokenkeeper::store::conformance::unique_key;
@@ -31,18 +34,13 @@ use tokenkeeper::{
 };
 
 const CHILD_ENV: &str = "TK_STORE_CHAOS_CHILD";
-const RESULT_PREFIX: &str = "TK_RESULT ";
 const PROCESSES: usize = 4;
 const GRANTS: usize = 16;
 const CALLERS_PER_GRANT: usize = 2;
+/// The bound on one store call (and on one PostgreSQL operation) in the children.
+const STORE_TIMEOUT: Duration = Duration::from_millis(750);
 /// Callers must be served again this long after the faults stop.
 const RECOVERY: Duration = Duration::from_secs(2);
-
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
-enum Backend {
-    Redis,
-    Postgres,
-}
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct ChildConfig {
@@ -96,23 +94,7 @@ fn kind(e: &Error) -> String {
 }
 
 async fn connect(backend: Backend, url: &str) -> Arc<dyn TokenStore> {
-    match backend {
-        #[cfg(feature = "redis")]
-        Backend::Redis => Arc::new(
-            tokenkeeper::store::redis::RedisStore::connect(url)
-                .await
-                .expect("connect to redis"),
-        ),
-        #[cfg(feature = "postgres")]
-        Backend::Postgres => Arc::new(
-            tokenkeeper::store::postgres::PostgresStore::connect(url)
-                .await
-                .expect("connect to postgres")
-                .with_operation_timeout(Duration::from_secs(1)),
-        ),
-        #[allow(unreachable_patterns)]
-        other => panic!("{other:?} is not compiled in"),
-    }
+    children::connect(backend, url, Some(STORE_TIMEOUT)).await
 }
 
 /// The child process's entry point (a no-op when run as an ordinary test).
@@ -127,11 +109,7 @@ fn store_chaos_child() {
         .enable_all()
         .build()
         .unwrap();
-    let report = runtime.block_on(run_child(config));
-    println!(
-        "\n{RESULT_PREFIX}{}",
-        serde_json::to_string(&report).unwrap()
-    );
+    children::print_report(&runtime.block_on(run_child(config)));
 }
 
 async fn run_child(config: ChildConfig) -> ChildReport {
@@ -159,7 +137,7 @@ async fn run_child(config: ChildConfig) -> ChildReport {
             .key(key)
             .initial_refresh_token(grant)
             .lease_ttl(Duration::from_secs(2))
-            .store_timeout(Duration::from_secs(1))
+            .store_timeout(STORE_TIMEOUT)
             .leeway(Duration::from_millis(500))
             .build()
             .unwrap()
@@ -240,30 +218,7 @@ async fn run_child(config: ChildConfig) -> ChildReport {
 }
 
 fn spawn_child(config: &ChildConfig) -> Child {
-    Command::new(std::env::current_exe().expect("current exe"))
-        .args([
-            "--exact",
-            "store_chaos_child",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD_ENV, serde_json::to_string(config).unwrap())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn a child process")
-}
-
-fn report_of(child: Child) -> ChildReport {
-    let output = child.wait_with_output().expect("child output");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "child failed: {stdout}");
-    let line = stdout
-        .lines()
-        .find_map(|l| l.split_once(RESULT_PREFIX).map(|(_, report)| report))
-        .unwrap_or_else(|| panic!("no report from the child: {stdout}"));
-    serde_json::from_str(line).expect("child report")
+    children::spawn("store_chaos_child", CHILD_ENV, config)
 }
 
 /// One backend at a time: eight child processes on two cores would measure the machine.
@@ -281,22 +236,13 @@ async fn store_chaos(backend: Backend, server_url: String, server_port: u16) {
         .await
         .unwrap();
     // The schema exists (PostgreSQL) before the children start, over a direct connection.
-    let direct = match backend {
-        #[cfg(feature = "postgres")]
-        Backend::Postgres => {
-            let store = tokenkeeper::store::postgres::PostgresStore::connect(&server_url)
-                .await
-                .unwrap();
-            store.create_schema().await.unwrap();
-            Arc::new(store) as Arc<dyn TokenStore>
-        }
-        _ => connect(backend, &server_url).await,
-    };
+    children::prepare(backend, &server_url).await;
+    let direct = children::connect(backend, &server_url, None).await;
     // 14% of the client-to-server chunks (one chunk often carries several pipelined
-    // requests): 7% delayed (100 ms to 1.2 s, some past the 1 s store timeout), 3.5% cut
-    // before delivery, 3.5% cut after it.
+    // requests): 7% delayed (100 ms to 1 s, a third of them past the 750 ms store
+    // timeout), 3.5% cut before delivery, 3.5% cut after it.
     let mut faults = FaultConfig::with(0.07, 0.035, 0.035, 0x5702e);
-    faults.delay_range = Duration::from_millis(100)..Duration::from_millis(1200);
+    faults.delay_range = Duration::from_millis(100)..Duration::from_millis(1000);
     let proxy = FaultProxy::start_on_own_runtime(
         format!("127.0.0.1:{server_port}").parse().unwrap(),
         faults,
@@ -319,7 +265,7 @@ async fn store_chaos(backend: Backend, server_url: String, server_port: u16) {
         std::thread::sleep(Duration::from_millis(u64::try_from(wait).unwrap_or(0)));
         proxy.set_enabled(false);
         let during_faults = proxy.counters();
-        let reports: Vec<ChildReport> = children.into_iter().map(report_of).collect();
+        let reports: Vec<ChildReport> = children.into_iter().map(children::report_of).collect();
         (reports, during_faults)
     });
     let (reports, injected) = reports.await.unwrap();

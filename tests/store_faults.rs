@@ -20,6 +20,8 @@ struct Fixture {
     store: FaultyStore<MemoryStore>,
     key: String,
     grant: String,
+    /// The clock of the simulator and of every replica, when the test moves time.
+    clock: Option<ManualClock>,
 }
 
 impl Fixture {
@@ -30,7 +32,21 @@ impl Fixture {
             store: FaultyStore::new(MemoryStore::new()),
             key: "user-1".into(),
             grant,
+            clock: None,
         }
+    }
+
+    /// A fixture whose simulator and replicas share a `ManualClock`.
+    async fn clocked() -> (Self, ManualClock) {
+        let clock = ManualClock::starting_now();
+        let sim = Simulator::builder(Mode::Lucid)
+            .clock(clock.clone())
+            .start()
+            .await
+            .unwrap();
+        let mut fx = Self::new(sim).await;
+        fx.clock = Some(clock.clone());
+        (fx, clock)
     }
 
     /// A replica: request timeout 1 s, lease ttl 1.5 s, store calls bounded at 5 s.
@@ -43,6 +59,10 @@ impl Fixture {
             .initial_refresh_token(&self.grant)
             .lease_ttl(Duration::from_millis(1500))
             .store_timeout(Duration::from_secs(5));
+        let builder = match &self.clock {
+            Some(clock) => builder.clock(clock.clone()),
+            None => builder,
+        };
         tune(builder).build().unwrap()
     }
 
@@ -229,15 +249,9 @@ async fn a_save_whose_answer_was_lost_is_found_stored_not_written_twice() {
 /// that is neither its own nor at the version its save expected: it drops its copy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_never_writes_an_older_set_over_a_newer_one() {
-    let clock = ManualClock::starting_now();
-    let sim = Simulator::builder(Mode::Lucid)
-        .clock(clock.clone())
-        .start()
-        .await
-        .unwrap();
-    let fx = Fixture::new(sim).await;
-    let a = fx.replica(|b| b.clock(clock.clone()));
-    let b = fx.replica(|b| b.clock(clock.clone()));
+    let (fx, clock) = Fixture::clocked().await;
+    let a = fx.replica(|b| b);
+    let b = fx.replica(|b| b);
     fx.store
         .random_faults(1.0, &[StoreOp::Renew], vec![StoreFault::FailBefore], 2);
     // A's loads: step 0, under the lease, then the retry's: hang that one.
@@ -338,14 +352,8 @@ async fn a_panic_in_any_store_call_never_leaves_the_flight_stuck() {
 /// refresh token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_that_loses_the_key_never_makes_the_source_present_the_initial_token() {
-    let clock = ManualClock::starting_now();
-    let sim = Simulator::builder(Mode::Lucid)
-        .clock(clock.clone())
-        .start()
-        .await
-        .unwrap();
-    let fx = Fixture::new(sim).await;
-    let a = fx.replica(|b| b.clock(clock.clone()));
+    let (fx, clock) = Fixture::clocked().await;
+    let a = fx.replica(|b| b);
     a.access_token().await.unwrap();
     clock.advance(time::Duration::hours(2));
     a.access_token().await.unwrap();
@@ -437,9 +445,8 @@ async fn an_answer_arriving_as_the_first_ttl_runs_out_is_saved_under_the_renewed
 /// clock's monotonic reading).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_errors_never_start_the_provider_backoff() {
-    let clock = ManualClock::starting_now();
-    let fx = Fixture::new(lucid(Duration::from_secs(3600)).await).await;
-    let a = fx.replica(|b| b.clock(clock.clone()));
+    let (fx, clock) = Fixture::clocked().await;
+    let a = fx.replica(|b| b);
     fx.store.random_faults(
         1.0,
         &[StoreOp::Load, StoreOp::Lease],
@@ -490,17 +497,8 @@ async fn a_lost_lease_grant_costs_one_ttl_and_nothing_else() {
 /// with the newest refresh token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_store_faults_never_cost_the_grant() {
-    let clock = ManualClock::starting_now();
-    let sim = Simulator::builder(Mode::Lucid)
-        .clock(clock.clone())
-        .start()
-        .await
-        .unwrap();
-    let fx = Fixture::new(sim).await;
-    let replicas = [
-        fx.replica(|b| b.clock(clock.clone())),
-        fx.replica(|b| b.clock(clock.clone())),
-    ];
+    let (fx, clock) = Fixture::clocked().await;
+    let replicas = [fx.replica(|b| b), fx.replica(|b| b)];
     fx.store.random_faults(
         0.2,
         &[StoreOp::Load, StoreOp::Save, StoreOp::Lease, StoreOp::Renew],

@@ -253,11 +253,23 @@ pub(crate) fn deadline_after(after: Duration) -> tokio::time::Instant {
         .unwrap_or(now)
 }
 
-/// How often [`poll_lease`] asks again.
-const LEASE_POLL: Duration = Duration::from_millis(10);
+/// When a networked store's taker that gave up frees any grant made to it: at once, and
+/// again later for a request that was still on its way.
+#[cfg(any(feature = "redis", feature = "postgres"))]
+pub(crate) const FREE_LOST_GRANTS_AFTER: [Duration; 3] = [
+    Duration::ZERO,
+    Duration::from_secs(1),
+    Duration::from_secs(3),
+];
 
-/// Waits for a lease the way stores that cannot notify waiters do: calls `try_take` every
-/// 10 ms until it grants one (`Ok(Some)`), fails, or `ttl` has passed
+/// How soon [`poll_lease`] asks again at first, and at the most.
+const LEASE_POLL: Duration = Duration::from_millis(10);
+const LEASE_POLL_MAX: Duration = Duration::from_millis(80);
+
+/// Waits for a lease the way stores that cannot notify waiters do: calls `try_take` after
+/// 10 ms, then doubling the pause up to 80 ms (many waiters on a networked store must not
+/// flood it while the holder works), until it grants one (`Ok(Some)`), fails, or `ttl`
+/// has passed
 /// ([`StoreError::LeaseTimeout`]). For [`TokenStore::lease`] implementations.
 pub async fn poll_lease<F, Fut>(
     key: &str,
@@ -269,6 +281,7 @@ where
     Fut: std::future::Future<Output = Result<Option<Lease>, StoreError>>,
 {
     let give_up = deadline_after(ttl);
+    let mut pause = LEASE_POLL;
     loop {
         if let Some(lease) = try_take().await? {
             return Ok(lease);
@@ -279,7 +292,8 @@ where
                 key: key.to_owned(),
             });
         }
-        tokio::time::sleep(LEASE_POLL.min(left)).await;
+        tokio::time::sleep(pause.min(left)).await;
+        pause = (pause * 2).min(LEASE_POLL_MAX);
     }
 }
 

@@ -561,23 +561,29 @@ impl TokenStore for PostgresStore {
             // free it as soon as the database answers again.
             let (store, key) = (self.clone(), key.to_owned());
             tokio::spawn(async move {
-                let freed = async {
-                    let client = store.client().await?;
-                    store
-                        .bounded(client, async |client| {
-                            let statement = client
-                                .prepare_cached(&store.shared.sql.release_owner)
-                                .await
-                                .map_err(|e| store.pg_error(e))?;
-                            client
-                                .execute(&statement, &[&key, &owner])
-                                .await
-                                .map_err(|e| store.pg_error(e))
-                        })
-                        .await
-                };
-                if let Err(e) = freed.await {
-                    tracing::debug!(error = %e, "could not free a PostgreSQL lease whose grant was lost; it will expire");
+                // A request of this taker may still be on its way (a delayed packet): free
+                // a grant again a little later too. The owner is never reused, so this
+                // can only free a lease nobody holds knowingly.
+                for delay in super::FREE_LOST_GRANTS_AFTER {
+                    tokio::time::sleep(delay).await;
+                    let freed = async {
+                        let client = store.client().await?;
+                        store
+                            .bounded(client, async |client| {
+                                let statement = client
+                                    .prepare_cached(&store.shared.sql.release_owner)
+                                    .await
+                                    .map_err(|e| store.pg_error(e))?;
+                                client
+                                    .execute(&statement, &[&key, &owner])
+                                    .await
+                                    .map_err(|e| store.pg_error(e))
+                            })
+                            .await
+                    };
+                    if let Err(e) = freed.await {
+                        tracing::debug!(error = %e, "could not free a PostgreSQL lease whose grant was lost; it will expire");
+                    }
                 }
             });
         }

@@ -455,14 +455,20 @@ impl TokenStore for RedisStore {
             // free it as soon as the server answers again.
             let (mut connection, scripts) = (self.connection.clone(), Arc::clone(&self.scripts));
             tokio::spawn(async move {
-                let freed: Result<i64, _> = scripts
-                    .release_owner
-                    .key(&lease_key)
-                    .arg(&owner)
-                    .invoke_async(&mut connection)
-                    .await;
-                if let Err(e) = freed {
-                    tracing::debug!(error = %e, "could not free a Redis lease whose grant was lost; it will expire");
+                // A request of this taker may still be on its way (a delayed packet): free
+                // a grant again a little later too. The owner is never reused, so this
+                // can only free a lease nobody holds knowingly.
+                for delay in super::FREE_LOST_GRANTS_AFTER {
+                    tokio::time::sleep(delay).await;
+                    let freed: Result<i64, _> = scripts
+                        .release_owner
+                        .key(&lease_key)
+                        .arg(&owner)
+                        .invoke_async(&mut connection)
+                        .await;
+                    if let Err(e) = freed {
+                        tracing::debug!(error = %e, "could not free a Redis lease whose grant was lost; it will expire");
+                    }
                 }
             });
         }

@@ -205,6 +205,13 @@ impl FaultProxy {
         Self::start_on(&tokio::runtime::Handle::current(), upstream, config, None)
     }
 
+    /// A proxy without random faults in front of a server on loopback port `port`
+    /// (faults are then injected with [`FaultProxy::fault_next`]).
+    pub async fn in_front_of(port: u16) -> FaultProxy {
+        let upstream = SocketAddr::from(([127, 0, 0, 1], port));
+        Self::start(upstream, FaultConfig::none()).await
+    }
+
     /// Starts a proxy to `upstream` on a runtime of its own (one worker thread), shut down
     /// when the proxy is dropped. Works from synchronous tests and from inside any tokio
     /// runtime, and keeps forwarding whatever the caller's threads are doing.

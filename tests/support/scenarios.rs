@@ -3,13 +3,14 @@
 #![allow(dead_code)]
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokenkeeper::store::conformance::{sample, unique_key};
 use tokenkeeper::store::{StoreError, TokenStore};
 use tokenkeeper::testing::{Mode, Simulator};
 use tokenkeeper::{Error, RefreshingTokenSource};
 
+use super::proxy::{FaultProxy, NextFault};
 use super::servers::Restartable;
 
 /// A holder whose lease expired while it waited on a slow token endpoint tries to save
@@ -260,4 +261,40 @@ pub async fn store_dies_during_a_refresh(store: Arc<dyn TokenStore>, server: &mu
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(sim.counters().reuse_attempts, 0);
+}
+
+/// A lease granted whose answer was lost (the proxy cuts the connection after the request
+/// reached the server): the taker asks again as the same owner and gets it at once,
+/// instead of waiting for it to expire. `store` connects through `proxy`.
+pub async fn a_lease_grant_whose_answer_was_lost_is_not_lost(
+    store: &dyn TokenStore,
+    proxy: &FaultProxy,
+) {
+    // Warm up: scripts loaded, statements prepared.
+    let warm = store
+        .lease(&unique_key("warm"), Duration::from_secs(5))
+        .await
+        .unwrap();
+    warm.release().await.unwrap();
+
+    let key = unique_key("lost-grant");
+    proxy.fault_next(NextFault::CutAfter);
+    let started = Instant::now();
+    let lease = store
+        .lease(&key, Duration::from_secs(20))
+        .await
+        .expect("the grant is recovered");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(proxy.counters().cut_after, 1, "the answer was lost once");
+    let other = store.lease(&key, Duration::from_millis(200)).await;
+    assert!(
+        matches!(other, Err(StoreError::LeaseTimeout { .. })),
+        "{other:?}"
+    );
+    store.save(&key, &sample("x"), None, &lease).await.unwrap();
+    lease.release().await.unwrap();
 }
