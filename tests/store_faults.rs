@@ -95,6 +95,14 @@ impl Fixture {
     }
 }
 
+/// One `access_token` call in a task of its own, to overlap with others.
+fn call(
+    source: &RefreshingTokenSource,
+) -> tokio::task::JoinHandle<Result<tokenkeeper::AccessToken, Error>> {
+    let source = source.clone();
+    tokio::spawn(async move { source.access_token().await })
+}
+
 async fn lucid(access_lifetime: Duration) -> Simulator {
     Simulator::builder(Mode::Lucid)
         .access_lifetime(access_lifetime)
@@ -141,16 +149,10 @@ async fn a_holder_whose_save_fails_keeps_the_key_locked_until_it_is_saved() {
         3,
         StoreFault::HangBefore(Duration::from_millis(300)),
     );
-    let a_call = tokio::spawn({
-        let a = a.clone();
-        async move { a.access_token().await }
-    });
+    let a_call = call(&a);
     // B asks while A's request is in flight: it queues for the lease.
     tokio::time::sleep(Duration::from_millis(150)).await;
-    let b_call = tokio::spawn({
-        let b = b.clone();
-        async move { b.access_token().await }
-    });
+    let b_call = call(&b);
     let token = a_call
         .await
         .unwrap()
@@ -597,15 +599,9 @@ async fn each_write_ahead_record_is_timed_anew() {
     tokio::time::sleep(Duration::from_millis(2500)).await;
     a.invalidate(&t2);
     b.invalidate(&t2);
-    let a_call = tokio::spawn({
-        let a = a.clone();
-        async move { a.access_token().await }
-    });
+    let a_call = call(&a);
     tokio::time::sleep(Duration::from_millis(150)).await;
-    let b_call = tokio::spawn({
-        let b = b.clone();
-        async move { b.access_token().await }
-    });
+    let b_call = call(&b);
     tokio::time::sleep(Duration::from_millis(100)).await;
     fx.store.fail_next(StoreOp::Save, StoreFault::LoseLease);
     fx.store.fail_next(
@@ -777,15 +773,9 @@ async fn a_panic_while_retrying_a_save_keeps_the_key_locked() {
     b.invalidate(&t1);
     store.fail_nth(StoreOp::Save, 2, StoreFault::FailBefore); // A's rotated set
     store.fail_nth(StoreOp::Save, 3, StoreFault::Panic); // the first retry
-    let a_call = tokio::spawn({
-        let a = a.clone();
-        async move { a.access_token().await }
-    });
+    let a_call = call(&a);
     tokio::time::sleep(Duration::from_millis(150)).await;
-    let b_call = tokio::spawn({
-        let b = b.clone();
-        async move { b.access_token().await }
-    });
+    let b_call = call(&b);
     let t2 = a_call.await.unwrap().expect("A is served");
     let adopted = b_call
         .await

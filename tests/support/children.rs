@@ -82,6 +82,27 @@ pub fn spawn(test: &str, env: &str, config: &impl Serialize) -> Child {
         .expect("spawn a child process")
 }
 
+/// The child's side, for its `#[test]` entry point: does nothing unless `env` holds a
+/// configuration; otherwise runs `child` with it on a two-thread runtime and prints the
+/// report.
+pub fn run_if_child<C, R, F>(env: &str, child: impl FnOnce(C) -> F)
+where
+    C: DeserializeOwned,
+    R: Serialize,
+    F: std::future::Future<Output = R>,
+{
+    let Ok(config) = std::env::var(env) else {
+        return;
+    };
+    let config: C = serde_json::from_str(&config).expect("child config");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime for the child");
+    print_report(&runtime.block_on(child(config)));
+}
+
 /// The child's side: prints `report` where [`report_of`] finds it (the harness prints
 /// "test name ... " on the same line first, hence the line break).
 pub fn print_report(report: &impl Serialize) {
