@@ -24,6 +24,7 @@
 //! 8. On any other failure: no successor exists anywhere, so remove the write-ahead
 //!    record, keep every token, and back off from the provider.
 
+use std::collections::VecDeque;
 use std::time::Duration as StdDuration;
 
 use time::{Duration, OffsetDateTime};
@@ -56,7 +57,11 @@ enum Reconciled {
     Superseded,
 }
 
-fn reconcile(unsaved: &Unsaved, stored: Option<&Versioned<TokenSet>>) -> Reconciled {
+fn reconcile(
+    unsaved: &Unsaved,
+    stored: Option<&Versioned<TokenSet>>,
+    consumed: &VecDeque<RefreshToken>,
+) -> Reconciled {
     match stored {
         Some(stored)
             if stored.value.refresh_token == unsaved.set.refresh_token
@@ -68,9 +73,16 @@ fn reconcile(unsaved: &Unsaved, stored: Option<&Versioned<TokenSet>>) -> Reconci
         Some(stored) if Some(stored.version) == unsaved.expected => {
             Reconciled::Save(Some(stored.version))
         }
-        // Older than the unsaved set: the store went back in time (it lost writes, or
-        // another source restored an older set after it lost the key). Ours is newer.
-        Some(stored) if stored.value.obtained_at < unsaved.set.obtained_at => {
+        // A set whose refresh token this source consumed itself: the store went back in
+        // time (it lost writes, or another source restored an older set after it lost the
+        // key). Ours is newer. (Never judged by timestamps: clocks of machines differ.)
+        Some(stored)
+            if stored
+                .value
+                .refresh_token
+                .as_ref()
+                .is_some_and(|t| consumed.contains(t)) =>
+        {
             Reconciled::Save(Some(stored.version))
         }
         Some(_) => Reconciled::Superseded,
@@ -368,7 +380,8 @@ impl Inner {
     ) -> Result<(TokenSet, Option<u64>), Error> {
         let unsaved = self.state().unsaved.clone();
         if let Some(unsaved) = unsaved {
-            match reconcile(&unsaved, stored.as_ref()) {
+            let consumed = self.state().consumed.clone();
+            match reconcile(&unsaved, stored.as_ref(), &consumed) {
                 Reconciled::AlreadySaved(version) => {
                     self.saved(&unsaved.set);
                     if let Some(stored) = stored {
@@ -572,7 +585,8 @@ impl Inner {
             return Err(StoreError::LeaseLost);
         };
         let stored = lease.op(self.store.load(&self.key)).await?;
-        match reconcile(unsaved, stored.as_ref()) {
+        let consumed = self.state().consumed.clone();
+        match reconcile(unsaved, stored.as_ref(), &consumed) {
             Reconciled::AlreadySaved(_) => {
                 tracing::info!(key = %self.key, "the rotated token set was saved after all");
             }

@@ -787,3 +787,42 @@ async fn a_panic_while_retrying_a_save_keeps_the_key_locked() {
     assert_eq!(counters.reuse_attempts, 0, "{counters:?}");
     assert_eq!(counters.refreshes, 2, "{counters:?}");
 }
+
+// A store that goes back in time (it lost acknowledged writes).
+
+/// The store hands back a set whose refresh token this source already used: the source
+/// never presents it again (a typed, non-transient error instead), and a rotated set it
+/// still holds unsaved is written over that stale set rather than dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_goes_back_in_time_never_gets_a_used_token_presented() {
+    let (fx, clock) = Fixture::clocked().await;
+    let a = fx.replica(|b| b);
+    a.access_token().await.unwrap();
+    let first = fx.store.get_ref().get(&fx.key).unwrap().value;
+
+    // Rotated again; the save fails a few times while the store "rolls back" to the first
+    // rotated set (an older write resurfacing, as after a failover to a lagging replica).
+    clock.advance(time::Duration::hours(2));
+    for n in 2..=4 {
+        fx.store.fail_nth(StoreOp::Save, n, StoreFault::FailBefore);
+    }
+    a.access_token().await.unwrap();
+    assert!(a.status().rotation_unsaved);
+    fx.store.get_ref().put(&fx.key, first.clone());
+    eventually("the retry settles", async || {
+        (!a.status().rotation_unsaved).then_some(())
+    })
+    .await;
+    fx.assert_nothing_lost();
+
+    // Rolled back again, with nothing unsaved: the used token is refused, not presented.
+    fx.store.get_ref().put(&fx.key, first);
+    clock.advance(time::Duration::hours(2));
+    let err = a.access_token().await.unwrap_err();
+    assert!(
+        matches!(err, Error::Storage(StoreError::Misconfigured(_))),
+        "{err:?}"
+    );
+    assert!(!err.is_transient());
+    assert_eq!(fx.sim.counters().reuse_attempts, 0);
+}
