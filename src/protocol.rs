@@ -73,6 +73,15 @@ fn reconcile(
         Some(stored) if Some(stored.version) == unsaved.expected => {
             Reconciled::Save(Some(stored.version))
         }
+        // A version below the expected one: versions only grow, so the store went back in
+        // time (it lost writes, or the key was lost and restored from an older set).
+        Some(stored)
+            if unsaved
+                .expected
+                .is_some_and(|expected| stored.version < expected) =>
+        {
+            Reconciled::Save(Some(stored.version))
+        }
         // A set whose refresh token this source consumed itself: the store went back in
         // time (it lost writes, or another source restored an older set after it lost the
         // key). Ours is newer. (Never judged by timestamps: clocks of machines differ.)
@@ -265,11 +274,37 @@ impl Inner {
                 None => self.state().foreign_rotation = None,
             }
             // A store that hands back a refresh token this source saw rotated has lost
-            // acknowledged writes: never present it.
+            // acknowledged writes: never present it. Write back the newest set this source
+            // knows instead, if it has one; otherwise leave the grant untouched.
             if self.state().consumed.contains(&refresh_token) {
-                return Err(Error::Storage(StoreError::Misconfigured(
-                    "the store returned a refresh token this source already used: it lost acknowledged writes (Redis without appendfsync always, a failover to a lagging replica); the grant is left untouched".into(),
-                )));
+                let known = self.state().last_known.clone().filter(|known| {
+                    known
+                        .refresh_token
+                        .as_ref()
+                        .is_some_and(|t| t != &refresh_token)
+                });
+                let Some(known) = known else {
+                    return Err(Error::Storage(StoreError::Misconfigured(
+                        "the store returned a refresh token this source already used: it lost acknowledged writes (Redis without appendfsync always, a failover to a lagging replica); the grant is left untouched".into(),
+                    )));
+                };
+                tracing::error!(key = %self.key, "the store went back in time (it handed back a refresh token this source already used); writing back the newest token set this source knows");
+                let saved = held
+                    .op(self.store.save(&self.key, &known, version, held.lease()))
+                    .await?;
+                current = known;
+                version = Some(saved);
+                continue;
+            }
+
+            // The lease must outlast the request before anything is written (a record
+            // left for a token nobody presented would make others wait for nothing).
+            let timeout = self.endpoint.profile().request_timeout;
+            if held.remaining().is_some_and(|left| left <= timeout) {
+                held.renew().await;
+            }
+            if held.is_lost() || held.remaining().is_some_and(|left| left <= timeout) {
+                return Err(Error::transient(TransientKind::LeaseBusy, None));
             }
 
             // Step 4: the write-ahead record, new for every presentation (even over this
@@ -282,12 +317,20 @@ impl Inner {
             current = marked;
             version = Some(saved);
 
-            // Step 5: present the refresh token, if the lease outlasts the request.
-            let timeout = self.endpoint.profile().request_timeout;
+            // Step 5: present the refresh token, if the lease still outlasts the request
+            // (the record's write took time); if not, take the record back.
             if held.remaining().is_some_and(|left| left <= timeout) {
                 held.renew().await;
             }
             if held.is_lost() || held.remaining().is_some_and(|left| left <= timeout) {
+                let mut cleared = current;
+                cleared.rotation = None;
+                if let Err(e) = held
+                    .op(self.store.save(&self.key, &cleared, version, held.lease()))
+                    .await
+                {
+                    tracing::debug!(key = %self.key, error = %e, "could not take the write-ahead record back");
+                }
                 return Err(Error::transient(TransientKind::LeaseBusy, None));
             }
             let forced = {
@@ -523,8 +566,7 @@ impl Inner {
     /// other holder presents the refresh token this source consumed. Store faults are
     /// retried every 100 to 500 ms. A panic in one attempt is one failed attempt: the
     /// lease stays held. A store that cannot be read at all (corrupt data, a missing
-    /// table) is retried every 5 s with the lease released: nobody can present anything
-    /// from it meanwhile, and an import can repair it.
+    /// table) is retried every 5 s, the lease still held.
     pub(crate) async fn persist(&self, mut held: Option<HeldLease>) {
         let mut failures = 0u32;
         loop {
@@ -535,10 +577,10 @@ impl Inner {
             let pause = match futures_util::FutureExt::catch_unwind(attempt).await {
                 Ok(Ok(())) => break,
                 Ok(Err(e)) if !e.is_transient() => {
-                    tracing::error!(key = %self.key, error = %e, "the store cannot hold the rotated token set; retrying in 5 s");
-                    if let Some(lease) = held.take() {
-                        lease.release().await;
-                    }
+                    // The lease stays held: an operator repairing the store (moving a
+                    // corrupt file away, creating a table) must not let another holder in
+                    // to find the key empty while this source holds the successor.
+                    tracing::error!(key = %self.key, error = %e, "the store cannot hold the rotated token set; keeping the key locked and retrying in 5 s");
                     StdDuration::from_secs(5)
                 }
                 Ok(Err(e)) => {
@@ -622,10 +664,23 @@ impl Inner {
     }
 
     /// Remembers `set` as the newest this source has seen for the key.
+    /// A set holding a refresh token this source consumed is not remembered (the store
+    /// went back in time: what this source knows is newer). Another holder's write-ahead
+    /// record is kept, so that a restored set still tells others to wait for that holder.
     fn remember(&self, set: &TokenSet) {
+        let mut state = self.state();
+        if set
+            .refresh_token
+            .as_ref()
+            .is_some_and(|t| state.consumed.contains(t))
+        {
+            return;
+        }
         let mut known = set.clone();
-        known.rotation = None;
-        self.state().last_known = Some(known);
+        if known.rotation.as_ref().is_some_and(|r| r.holder == self.id) {
+            known.rotation = None;
+        }
+        state.last_known = Some(known);
     }
 
     /// Records a provider failure in the backoff, and tells the caller when the next

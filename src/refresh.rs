@@ -260,8 +260,13 @@ impl RefreshingTokenSource {
         refresh_token: impl Into<String>,
     ) -> Result<(), Error> {
         let inner = &self.inner;
-        let seed =
-            TokenSet::from_refresh_token(RefreshToken::new(refresh_token), inner.clock.now());
+        let refresh_token = RefreshToken::new(refresh_token);
+        if inner.state().consumed.contains(&refresh_token) {
+            return Err(Error::Config(
+                "this refresh token was already used (rotated) by this source: import the one from a new consent".into(),
+            ));
+        }
+        let seed = TokenSet::from_refresh_token(refresh_token, inner.clock.now());
         let held = inner.acquire().await?;
         let result = async {
             let version = held
