@@ -36,6 +36,16 @@ impl Fixture {
         }
     }
 
+    /// A fixture whose simulator delays every answer by `delay` (after rotating).
+    async fn answering_after(delay: Duration) -> Self {
+        let sim = Simulator::builder(Mode::Lucid)
+            .response_delay(delay)
+            .start()
+            .await
+            .unwrap();
+        Self::new(sim).await
+    }
+
     /// A fixture whose simulator and replicas share a `ManualClock`.
     async fn clocked() -> (Self, ManualClock) {
         let clock = ManualClock::starting_now();
@@ -130,12 +140,7 @@ async fn eventually<T>(what: &str, mut attempt: impl AsyncFnMut() -> Option<T>) 
 /// write-ahead record), and adopts the saved set.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_holder_whose_save_fails_keeps_the_key_locked_until_it_is_saved() {
-    let sim = Simulator::builder(Mode::Lucid)
-        .response_delay(Duration::from_millis(400))
-        .start()
-        .await
-        .unwrap();
-    let fx = Fixture::new(sim).await;
+    let fx = Fixture::answering_after(Duration::from_millis(400)).await;
     let (a, b) = (fx.replica(|b| b), fx.replica(|b| b));
     // A's saves: the seed, the write-ahead record, then the rotated set: fail that one
     // and its next two retries.
@@ -407,12 +412,7 @@ async fn a_lease_ttl_that_cannot_outlast_the_request_is_refused_at_build() {
 /// while the request ran, the lease still holds, and the first save succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_arriving_as_the_first_ttl_runs_out_is_saved_under_the_renewed_lease() {
-    let sim = Simulator::builder(Mode::Lucid)
-        .response_delay(Duration::from_millis(950))
-        .start()
-        .await
-        .unwrap();
-    let fx = Fixture::new(sim).await;
+    let fx = Fixture::answering_after(Duration::from_millis(950)).await;
     // Lease 1.2 s, request timeout 1 s. The write-ahead record takes 150 ms, so the
     // request leaves with 1.05 s of lease; the answer comes 950 ms later, and the save
     // takes 200 ms more: past the first ttl.
@@ -554,12 +554,7 @@ async fn random_store_faults_never_cost_the_grant() {
 /// not take over at once because it saw A's old record long ago.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_write_ahead_record_is_timed_anew() {
-    let sim = Simulator::builder(Mode::Lucid)
-        .response_delay(Duration::from_millis(400))
-        .start()
-        .await
-        .unwrap();
-    let fx = Fixture::new(sim).await;
+    let fx = Fixture::answering_after(Duration::from_millis(400)).await;
     let replica = || {
         fx.replica(|b| {
             b.forced_refresh_interval(Duration::ZERO)
