@@ -210,6 +210,17 @@ fn provider_suffix(provider: &Option<ProviderError>) -> String {
         .unwrap_or_default()
 }
 
+impl Error {
+    /// The error waiters get when a refresh task panicked.
+    pub(crate) fn panicked() -> Self {
+        Error::Transient {
+            kind: TransientKind::Interrupted,
+            retry_after: None,
+            source: Some(Arc::new(Panicked)),
+        }
+    }
+}
+
 /// The cause of an [`Error::Transient`] whose refresh task panicked (the panic message is
 /// not kept: it is not ours to vouch for).
 #[derive(Debug, thiserror::Error)]

@@ -86,6 +86,15 @@ impl HeldLease {
         self.lease.remaining()
     }
 
+    /// Whether the lease still holds for longer than `needed` (renewing it first if it
+    /// does not). Leases that never expire always do.
+    pub(crate) async fn outlasts(&self, needed: Duration) -> bool {
+        if self.remaining().is_some_and(|left| left <= needed) {
+            self.renew().await;
+        }
+        !self.is_lost() && self.remaining().is_none_or(|left| left > needed)
+    }
+
     /// Records what a store call under the lease said about it.
     fn observe(&self, error: &StoreError) {
         if matches!(error, StoreError::LeaseLost) {

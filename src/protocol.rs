@@ -233,11 +233,7 @@ impl Inner {
         let outcome = std::panic::AssertUnwindSafe(self.under_lease(&held, reason));
         let outcome = match futures_util::FutureExt::catch_unwind(outcome).await {
             Ok(outcome) => outcome,
-            Err(_) => Err(Error::Transient {
-                kind: TransientKind::Interrupted,
-                retry_after: None,
-                source: Some(std::sync::Arc::new(crate::error::Panicked)),
-            }),
+            Err(_) => Err(Error::panicked()),
         };
         if self.state().unsaved.is_some() {
             return (outcome, Some(held));
@@ -300,10 +296,7 @@ impl Inner {
             // The lease must outlast the request before anything is written (a record
             // left for a token nobody presented would make others wait for nothing).
             let timeout = self.endpoint.profile().request_timeout;
-            if held.remaining().is_some_and(|left| left <= timeout) {
-                held.renew().await;
-            }
-            if held.is_lost() || held.remaining().is_some_and(|left| left <= timeout) {
+            if !held.outlasts(timeout).await {
                 return Err(Error::transient(TransientKind::LeaseBusy, None));
             }
 
@@ -319,18 +312,8 @@ impl Inner {
 
             // Step 5: present the refresh token, if the lease still outlasts the request
             // (the record's write took time); if not, take the record back.
-            if held.remaining().is_some_and(|left| left <= timeout) {
-                held.renew().await;
-            }
-            if held.is_lost() || held.remaining().is_some_and(|left| left <= timeout) {
-                let mut cleared = current;
-                cleared.rotation = None;
-                if let Err(e) = held
-                    .op(self.store.save(&self.key, &cleared, version, held.lease()))
-                    .await
-                {
-                    tracing::debug!(key = %self.key, error = %e, "could not take the write-ahead record back");
-                }
+            if !held.outlasts(timeout).await {
+                self.take_back_record(held, current, version).await;
                 return Err(Error::transient(TransientKind::LeaseBusy, None));
             }
             let forced = {
@@ -400,17 +383,23 @@ impl Inner {
                 Err(RefreshFailure::Other(mut e)) => {
                     tracing::warn!(key = %self.key, error = %e, "refresh failed; tokens kept");
                     self.provider_failed(&mut e);
-                    let mut cleared = current;
-                    cleared.rotation = None;
-                    if let Err(store_error) = held
-                        .op(self.store.save(&self.key, &cleared, version, held.lease()))
-                        .await
-                    {
-                        tracing::debug!(key = %self.key, error = %store_error, "could not remove the write-ahead record; this source's next attempt ignores it");
-                    }
+                    self.take_back_record(held, current, version).await;
                     return Err(e);
                 }
             }
+        }
+    }
+
+    /// Removes this source's write-ahead record from `set` (saved at `version`) when it
+    /// presented nothing, or got no successor: best effort, since its own next attempt
+    /// writes a new record anyway.
+    async fn take_back_record(&self, held: &HeldLease, mut set: TokenSet, version: Option<u64>) {
+        set.rotation = None;
+        if let Err(e) = held
+            .op(self.store.save(&self.key, &set, version, held.lease()))
+            .await
+        {
+            tracing::debug!(key = %self.key, error = %e, "could not take the write-ahead record back");
         }
     }
 

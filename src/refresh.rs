@@ -820,9 +820,5 @@ impl Drop for ClearFlight {
 /// a panic message is not ours to vouch for.
 fn panicked(_payload: &(dyn std::any::Any + Send)) -> Error {
     tracing::error!("a refresh task panicked; the flight is cleared and the next call starts anew");
-    Error::Transient {
-        kind: TransientKind::Interrupted,
-        retry_after: None,
-        source: Some(Arc::new(crate::error::Panicked)),
-    }
+    Error::panicked()
 }

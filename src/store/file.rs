@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::{Lease, LeaseRelease, StoreError, TokenStore, Versioned, decode, encode, poll_lease};
+use super::{
+    Lease, LeaseRelease, StoreError, TokenStore, Versioned, decode, encode, next_version,
+    poll_lease,
+};
 use crate::token::TokenSet;
 
 /// The suffix of temporary files.
@@ -220,13 +223,7 @@ impl TokenStore for FileStore {
             if current != expected {
                 return Err(StoreError::Conflict);
             }
-            let version = match current {
-                None => 1,
-                Some(v) => v.checked_add(1).ok_or_else(|| StoreError::Corrupt {
-                    key: key.clone(),
-                    reason: "the stored version cannot grow any further".into(),
-                })?,
-            };
+            let version = next_version(&key, current)?;
             store
                 .write_atomically(&key, &encode(&token, version))
                 .map_err(StoreError::unavailable)?;

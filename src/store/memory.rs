@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::{Lease, LeaseRelease, StoreError, TokenStore, Versioned, deadline_after};
+use super::{Lease, LeaseRelease, StoreError, TokenStore, Versioned, deadline_after, next_version};
 use crate::token::TokenSet;
 
 /// An in-process store: the default of
@@ -104,13 +104,7 @@ impl TokenStore for MemoryStore {
         if current != expected {
             return Err(StoreError::Conflict);
         }
-        let version = match current {
-            None => 1,
-            Some(v) => v.checked_add(1).ok_or_else(|| StoreError::Corrupt {
-                key: key.to_owned(),
-                reason: "the stored version cannot grow any further".into(),
-            })?,
-        };
+        let version = next_version(key, current)?;
         state.entries.insert(
             key.to_owned(),
             Versioned {

@@ -253,6 +253,29 @@ pub(crate) fn deadline_after(after: Duration) -> tokio::time::Instant {
         .unwrap_or(now)
 }
 
+/// The version a save writes over `current` (`None`: nothing stored): 1, or one more,
+/// or [`StoreError::Corrupt`] when the stored version cannot grow any further.
+pub(crate) fn next_version(key: &str, current: Option<u64>) -> Result<u64, StoreError> {
+    match current {
+        None => Ok(1),
+        Some(v) => v.checked_add(1).ok_or_else(|| StoreError::Corrupt {
+            key: key.to_owned(),
+            reason: "the stored version cannot grow any further".into(),
+        }),
+    }
+}
+
+/// `at + ttl` on tokio's clock, clamped: never panics.
+#[cfg(any(feature = "redis", feature = "postgres"))]
+pub(crate) fn deadline_from(at: tokio::time::Instant, ttl: Duration) -> tokio::time::Instant {
+    at.checked_add(ttl).unwrap_or_else(|| deadline_after(ttl))
+}
+
+/// How many failed requests a networked store's lease wait tolerates, asking again as
+/// the same owner (its grant is idempotent) before it gives up.
+#[cfg(any(feature = "redis", feature = "postgres"))]
+pub(crate) const LEASE_ERRORS_TOLERATED: u32 = 3;
+
 /// When a networked store's taker that gave up frees any grant made to it: at once, and
 /// again later for a request that was still on its way.
 #[cfg(any(feature = "redis", feature = "postgres"))]

@@ -64,7 +64,10 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio::time::Instant;
 use tokio_postgres::NoTls;
 
-use super::{Lease, LeaseRelease, StoreError, TokenStore, Versioned, decode, encode, poll_lease};
+use super::{
+    LEASE_ERRORS_TOLERATED, Lease, LeaseRelease, StoreError, TokenStore, Versioned, deadline_from,
+    decode, encode, next_version, poll_lease,
+};
 use crate::token::TokenSet;
 
 /// The default table name.
@@ -375,15 +378,6 @@ impl PostgresStore {
     }
 }
 
-/// How many failed requests a lease wait tolerates (asking again as the same owner).
-const LEASE_ERRORS_TOLERATED: u32 = 3;
-
-/// `at + ttl`, clamped: never panics.
-fn deadline_from(at: Instant, ttl: Duration) -> Instant {
-    at.checked_add(ttl)
-        .unwrap_or_else(|| super::deadline_after(ttl))
-}
-
 fn check_key(key: &str) -> Result<(), StoreError> {
     if key.is_empty() {
         return Err(StoreError::InvalidKey {
@@ -443,7 +437,7 @@ impl TokenStore for PostgresStore {
     ) -> Result<u64, StoreError> {
         check_key(key)?;
         let held = held_lease(lease, key, &self.shared)?;
-        let version = expected.map_or(1, |v| v.saturating_add(1));
+        let version = next_version(key, expected)?;
         let body = String::from_utf8(encode(token, version))
             .map_err(|_| StoreError::unavailable(InvalidConfig("a record that is not UTF-8")))?;
         let expected_db = expected.map(to_db).transpose()?;

@@ -51,7 +51,10 @@ use redis::Script;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::time::Instant;
 
-use super::{Lease, LeaseRelease, StoreError, TokenStore, Versioned, decode, encode, poll_lease};
+use super::{
+    LEASE_ERRORS_TOLERATED, Lease, LeaseRelease, StoreError, TokenStore, Versioned, deadline_from,
+    decode, encode, next_version, poll_lease,
+};
 use crate::token::TokenSet;
 
 /// Takes the lease: `KEYS[1]` lease key, `KEYS[2]` fencing counter; `ARGV[1]` owner,
@@ -357,13 +360,7 @@ impl TokenStore for RedisStore {
         else {
             return Err(StoreError::LeaseLost);
         };
-        let version = match expected {
-            None => 1,
-            Some(v) => v.checked_add(1).ok_or_else(|| StoreError::Corrupt {
-                key: key.to_owned(),
-                reason: "the stored version cannot grow any further".into(),
-            })?,
-        };
+        let version = next_version(key, expected)?;
         let expected = expected.map(|v| v.to_string()).unwrap_or_default();
         let mut connection = self.connection.clone();
         let outcome: i64 = self
@@ -501,15 +498,6 @@ impl TokenStore for RedisStore {
             Err(StoreError::LeaseLost)
         }
     }
-}
-
-/// How many failed requests a lease wait tolerates (asking again as the same owner).
-const LEASE_ERRORS_TOLERATED: u32 = 3;
-
-/// `at + ttl`, clamped: never panics.
-fn deadline_from(at: Instant, ttl: Duration) -> Instant {
-    at.checked_add(ttl)
-        .unwrap_or_else(|| super::deadline_after(ttl))
 }
 
 /// What can make this Redis server lose a key, from its `CONFIG GET` answers.
