@@ -43,6 +43,9 @@ use crate::token::{Freshness, RotationInFlight, TokenSet, absolute_expiry, add_c
 /// reads the store to adopt what that holder saves.
 const WATCH_WHILE_WAITING: StdDuration = StdDuration::from_millis(200);
 
+/// The longest a flight waits, without the lease, for another holder's rotation.
+const AWAIT_ROTATION_AT_MOST: StdDuration = StdDuration::from_secs(5);
+
 /// How many consumed refresh tokens a source remembers.
 const CONSUMED_KEPT: usize = 4;
 
@@ -133,14 +136,28 @@ impl Inner {
     }
 
     /// Step 3's wait, with the lease released so that the other holder can save: reads
-    /// the store every 200 ms, for up to a lease ttl (the time a live holder needs to
-    /// take its lease again and save), and adopts the set it saves.
+    /// the store every 200 ms and adopts the set it saves. Gives up (the caller gets
+    /// `RotationInFlight` and comes back later) once the awaited record is gone without a
+    /// fresh set, or after at most 5 s or a lease ttl, whichever is shorter.
     async fn await_rotation(&self, reason: Reason) -> Option<AccessToken> {
-        let until = crate::store::deadline_after(self.timing.lease_ttl);
+        let awaited = self
+            .state()
+            .foreign_rotation
+            .clone()
+            .map(|(record, _)| record);
+        let until = crate::store::deadline_after(self.timing.lease_ttl.min(AWAIT_ROTATION_AT_MOST));
         while tokio::time::Instant::now() < until {
             tokio::time::sleep(WATCH_WHILE_WAITING).await;
-            if let Ok(Some(token)) = self.look_for_fresh(reason).await {
+            let Ok(stored) = self.unleased(self.store.load(&self.key)).await else {
+                continue;
+            };
+            let stored = stored?;
+            self.remember(&stored.value);
+            if let Some(token) = self.adoptable(&stored.value, reason) {
                 return Some(token);
+            }
+            if stored.value.rotation != awaited {
+                return None;
             }
         }
         None

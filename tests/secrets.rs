@@ -177,3 +177,35 @@ async fn store_files_are_private_to_their_owner() {
     assert_eq!(mode(&store.path_for("k").unwrap()), 0o600);
     assert_eq!(mode(store.dir()), 0o700);
 }
+
+/// The types this crate added for store faults: a faulty store holding tokens, a token
+/// set carrying a write-ahead record, the status of a source with an unsaved rotation,
+/// the new store errors.
+#[tokio::test]
+async fn store_fault_types_debug_without_secrets() {
+    use tokenkeeper::RotationInFlight;
+    use tokenkeeper::testing::{FaultyStore, StoreFault, StoreOp};
+    let store = FaultyStore::new(MemoryStore::new());
+    store.get_ref().put("k", full_set());
+    store.fail_next(StoreOp::Save, StoreFault::FailAfter);
+    assert_hidden("FaultyStore", &format!("{store:?} {store:#?}"));
+    let mut marked = full_set();
+    marked.rotation = Some(RotationInFlight::new("holder", OffsetDateTime::now_utc()));
+    assert_hidden("TokenSet with a record", &format!("{marked:?} {marked:#?}"));
+    let source = RefreshingTokenSource::builder(
+        ProviderProfile::lucid(),
+        ClientCredentials::new("id", CLIENT_SECRET),
+    )
+    .store(store)
+    .key("k")
+    .build()
+    .unwrap();
+    assert_hidden("Status", &format!("{:?}", source.status()));
+    for e in [
+        StoreError::Timeout(Duration::from_secs(1)),
+        StoreError::Misconfigured("table missing".into()),
+        StoreError::Unsupported("lease renewal"),
+    ] {
+        assert_hidden("StoreError", &format!("{e} {e:?}"));
+    }
+}

@@ -824,3 +824,32 @@ async fn a_store_that_goes_back_in_time_never_gets_a_used_token_presented() {
     let err = a.import_refresh_token(used).await.unwrap_err();
     assert!(matches!(err, Error::Config(_)), "{err:?}");
 }
+
+/// A caller whose source waits on another holder's write-ahead record gets an answer
+/// within seconds (a transient error to retry), not after a whole lease ttl, even when
+/// that holder never comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_on_another_holders_record_answers_callers_within_seconds() {
+    let fx = Fixture::new(lucid(Duration::from_secs(3600)).await).await;
+    // Default lease ttl: request and connect timeouts plus 30 s.
+    let a = fx.replica(|b| b.lease_ttl(Duration::from_secs(70)));
+    let b = fx.replica(|b| b.lease_ttl(Duration::from_secs(70)));
+    // A leaves its record behind: a 503, then taking the record back fails.
+    fx.sim.fail_next([Fault::ServerError(503)]);
+    fx.store.fail_nth(StoreOp::Save, 3, StoreFault::FailBefore);
+    assert!(a.access_token().await.is_err());
+    let answered = tokio::time::timeout(Duration::from_secs(10), b.access_token())
+        .await
+        .expect("B answers within seconds");
+    assert!(
+        matches!(
+            answered,
+            Err(Error::Transient {
+                kind: TransientKind::RotationInFlight,
+                ..
+            })
+        ),
+        "{answered:?}"
+    );
+    assert_eq!(fx.sim.counters().requests, 1, "B presented nothing");
+}

@@ -111,3 +111,69 @@ fn nothing_logged_at_any_level_shows_a_token_or_secret() {
         assert!(!log.contains(secret), "a secret was logged:\n{log}");
     }
 }
+
+/// The store-fault paths log too: failed saves, retries under the lease, another
+/// holder's write-ahead record, a panic in a store call. None of it shows a token.
+#[test]
+fn store_fault_paths_log_no_token_or_secret() {
+    use tokenkeeper::testing::{FaultyStore, StoreFault, StoreOp};
+    let captured = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(captured.clone())
+        .with_ansi(false)
+        .finish();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut issued = Vec::new();
+    tracing::subscriber::with_default(subscriber, || {
+        runtime.block_on(async {
+            let sim = Simulator::builder(Mode::Lucid).start().await.unwrap();
+            let store = FaultyStore::new(MemoryStore::new());
+            let grant = sim.issue_grant();
+            issued.push(grant.clone());
+            let replica = || {
+                RefreshingTokenSource::builder(sim.profile(), sim.credentials())
+                    .store(store.clone())
+                    .initial_refresh_token(grant.clone())
+                    .forced_refresh_interval(Duration::ZERO)
+                    .build()
+                    .unwrap()
+            };
+            let (a, b) = (replica(), replica());
+            // A rotated set whose save fails twice, then lands on retry.
+            store.fail_nth(StoreOp::Save, 3, StoreFault::FailBefore);
+            store.fail_nth(StoreOp::Save, 4, StoreFault::FailAfter);
+            let token = a.access_token().await.unwrap();
+            issued.push(token.secret().to_owned());
+            while a.status().rotation_unsaved {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            // A record left behind (a 503, then taking the record back fails): B waits.
+            a.invalidate(&token);
+            sim.fail_next([tokenkeeper::testing::Fault::ServerError(503)]);
+            store.fail_nth(StoreOp::Save, 2, StoreFault::FailBefore);
+            let _ = a.access_token().await;
+            b.invalidate(&b.access_token().await.unwrap_or(token.clone()));
+            let _ = b.access_token().await;
+            // A panic inside a store call.
+            store.fail_next(StoreOp::Load, StoreFault::Panic);
+            let _ = b.access_token().await;
+            let set = store.get_ref().get("default").unwrap().value;
+            issued.push(set.refresh_token.unwrap().secret().to_owned());
+            if let Some(access) = set.access_token {
+                issued.push(access.secret().to_owned());
+            }
+        });
+    });
+    let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        log.contains("could not be saved") && log.contains("write-ahead"),
+        "the fault paths above log what they do:\n{log}"
+    );
+    for secret in issued.iter().map(String::as_str).chain(["sim-secret"]) {
+        assert!(!log.contains(secret), "a secret was logged:\n{log}");
+    }
+}
