@@ -324,6 +324,12 @@ mod tests {
             expires_at_ms: Some(i64::MIN),
         };
         assert_eq!(absolute_expiry(fields, T0, None), None);
+        // An absolute expiry in the year 9036 is representable, and cut to ten years.
+        let fields = ExpiryFields {
+            expires_in: None,
+            expires_at_ms: Some(223_000_000_000_000),
+        };
+        assert_eq!(absolute_expiry(fields, T0, None), Some(T0 + MAX_LIFETIME));
         let late = OffsetDateTime::new_utc(
             time::Date::from_calendar_date(9999, time::Month::December, 31).unwrap(),
             time::Time::MIDNIGHT,
