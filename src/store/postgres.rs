@@ -341,40 +341,97 @@ impl PostgresStore {
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
-        let timeout = self.shared.op_timeout;
-        match tokio::time::timeout(timeout, self.pool.get()).await {
-            Ok(client) => client.map_err(StoreError::unavailable),
-            Err(_) => Err(StoreError::Timeout(timeout)),
-        }
+        checkout(&self.pool, self.shared.op_timeout).await
     }
 
     /// Maps a database error: a missing table is a configuration mistake, named.
     fn pg_error(&self, e: tokio_postgres::Error) -> StoreError {
-        if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) {
-            return StoreError::Misconfigured(format!(
-                "the table {} does not exist: call PostgresStore::create_schema() once (it is idempotent)",
-                self.shared.table
-            ));
-        }
-        StoreError::unavailable(e)
+        pg_error(&self.shared, e)
     }
 
-    /// Runs one operation's statements on `client`, bounded by the operation timeout. A
-    /// connection that did not answer in time is closed, not returned to the pool.
-    async fn bounded<T>(
+    /// One operation of `once`-only statements (a save: its answer decides what the
+    /// caller does next), on a pooled connection, bounded.
+    async fn once<T>(
         &self,
-        client: deadpool_postgres::Client,
         work: impl AsyncFnOnce(&deadpool_postgres::Client) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let timeout = self.shared.op_timeout;
-        let outcome = tokio::time::timeout(timeout, work(&client)).await;
-        match outcome {
-            Ok(result) => result,
-            Err(_) => {
-                drop(deadpool_postgres::Object::take(client));
-                Err(StoreError::Timeout(timeout))
-            }
+        bounded(self.shared.op_timeout, self.client().await?, work).await
+    }
+
+    /// One idempotent operation (see [`idempotent`]).
+    async fn idempotent<T, W>(&self, work: impl Fn() -> W) -> Result<T, StoreError>
+    where
+        W: AsyncFnOnce(&deadpool_postgres::Client) -> Result<T, StoreError>,
+    {
+        idempotent(&self.pool, self.shared.op_timeout, work).await
+    }
+}
+
+/// A pooled connection, within `timeout`.
+async fn checkout(pool: &Pool, timeout: Duration) -> Result<deadpool_postgres::Client, StoreError> {
+    match tokio::time::timeout(timeout, pool.get()).await {
+        Ok(client) => client.map_err(StoreError::unavailable),
+        Err(_) => Err(StoreError::Timeout(timeout)),
+    }
+}
+
+/// Maps a database error: a missing table is a configuration mistake, named.
+fn pg_error(shared: &Shared, e: tokio_postgres::Error) -> StoreError {
+    if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) {
+        return StoreError::Misconfigured(format!(
+            "the table {} does not exist: call PostgresStore::create_schema() once (it is idempotent)",
+            shared.table
+        ));
+    }
+    StoreError::unavailable(e)
+}
+
+/// Runs one operation's statements on `client`, bounded by `timeout`. A connection that
+/// did not answer in time is closed, not returned to the pool.
+async fn bounded<T>(
+    timeout: Duration,
+    client: deadpool_postgres::Client,
+    work: impl AsyncFnOnce(&deadpool_postgres::Client) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(timeout, work(&client)).await {
+        Ok(result) => result,
+        Err(_) => {
+            drop(deadpool_postgres::Object::take(client));
+            Err(StoreError::Timeout(timeout))
         }
+    }
+}
+
+/// True when `e` says the connection was closed under the statement (the network cut it,
+/// often while it sat idle in the pool).
+fn connection_closed(e: &StoreError) -> bool {
+    match e {
+        StoreError::Unavailable(source) => source
+            .downcast_ref::<tokio_postgres::Error>()
+            .is_some_and(tokio_postgres::Error::is_closed),
+        _ => false,
+    }
+}
+
+/// Runs an idempotent operation (a read, a lease asked for by its owner, a renewal, a
+/// release: running it twice is running it once) and, if its connection turns out to have
+/// been closed, once more on another connection. After a network cut the pool can hold
+/// several connections that died idle; without this, each would cost a caller a failed
+/// call after the database is reachable again.
+async fn idempotent<T, W>(
+    pool: &Pool,
+    timeout: Duration,
+    work: impl Fn() -> W,
+) -> Result<T, StoreError>
+where
+    W: AsyncFnOnce(&deadpool_postgres::Client) -> Result<T, StoreError>,
+{
+    match bounded(timeout, checkout(pool, timeout).await?, work()).await {
+        Err(e) if connection_closed(&e) => {
+            tracing::debug!(error = %e, "a pooled PostgreSQL connection was closed; asking again on another");
+            bounded(timeout, checkout(pool, timeout).await?, work()).await
+        }
+        outcome => outcome,
     }
 }
 
@@ -402,17 +459,18 @@ fn to_db(version: u64) -> Result<i64, StoreError> {
 impl TokenStore for PostgresStore {
     async fn load(&self, key: &str) -> Result<Option<Versioned<TokenSet>>, StoreError> {
         check_key(key)?;
-        let client = self.client().await?;
         let row = self
-            .bounded(client, async |client| {
-                let statement = client
-                    .prepare_cached(&self.shared.sql.load)
-                    .await
-                    .map_err(|e| self.pg_error(e))?;
-                client
-                    .query_opt(&statement, &[&key])
-                    .await
-                    .map_err(|e| self.pg_error(e))
+            .idempotent(|| {
+                async |client| {
+                    let statement = client
+                        .prepare_cached(&self.shared.sql.load)
+                        .await
+                        .map_err(|e| self.pg_error(e))?;
+                    client
+                        .query_opt(&statement, &[&key])
+                        .await
+                        .map_err(|e| self.pg_error(e))
+                }
             })
             .await?;
         let Some(row) = row else { return Ok(None) };
@@ -442,8 +500,7 @@ impl TokenStore for PostgresStore {
             .map_err(|_| StoreError::unavailable(InvalidConfig("a record that is not UTF-8")))?;
         let expected_db = expected.map(to_db).transpose()?;
         let (version_db, fencing_db) = (to_db(version)?, to_db(held.fencing)?);
-        let client = self.client().await?;
-        self.bounded(client, async |client| {
+        self.once(async |client| {
             let statement = client
                 .prepare_cached(&self.shared.sql.save)
                 .await
@@ -502,8 +559,7 @@ impl TokenStore for PostgresStore {
                 .saturating_duration_since(asked_at)
                 .max(Duration::from_millis(100));
             let attempt = async {
-                let client = self.client().await?;
-                self.bounded(client, async |client| {
+                self.idempotent(|| async |client| {
                     let statement = client
                         .prepare_cached(&self.shared.sql.lease)
                         .await
@@ -561,17 +617,18 @@ impl TokenStore for PostgresStore {
                 for delay in super::FREE_LOST_GRANTS_AFTER {
                     tokio::time::sleep(delay).await;
                     let freed = async {
-                        let client = store.client().await?;
                         store
-                            .bounded(client, async |client| {
-                                let statement = client
-                                    .prepare_cached(&store.shared.sql.release_owner)
-                                    .await
-                                    .map_err(|e| store.pg_error(e))?;
-                                client
-                                    .execute(&statement, &[&key, &owner])
-                                    .await
-                                    .map_err(|e| store.pg_error(e))
+                            .idempotent(|| {
+                                async |client| {
+                                    let statement = client
+                                        .prepare_cached(&store.shared.sql.release_owner)
+                                        .await
+                                        .map_err(|e| store.pg_error(e))?;
+                                    client
+                                        .execute(&statement, &[&key, &owner])
+                                        .await
+                                        .map_err(|e| store.pg_error(e))
+                                }
                             })
                             .await
                     };
@@ -590,17 +647,18 @@ impl TokenStore for PostgresStore {
         let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1);
         let fencing_db = to_db(held.fencing)?;
         let asked_at = Instant::now();
-        let client = self.client().await?;
         let renewed = self
-            .bounded(client, async |client| {
-                let statement = client
-                    .prepare_cached(&self.shared.sql.renew)
-                    .await
-                    .map_err(|e| self.pg_error(e))?;
-                client
-                    .execute(&statement, &[&key, &held.owner, &fencing_db, &ttl_ms])
-                    .await
-                    .map_err(|e| self.pg_error(e))
+            .idempotent(|| {
+                async |client| {
+                    let statement = client
+                        .prepare_cached(&self.shared.sql.renew)
+                        .await
+                        .map_err(|e| self.pg_error(e))?;
+                    client
+                        .execute(&statement, &[&key, &held.owner, &fencing_db, &ttl_ms])
+                        .await
+                        .map_err(|e| self.pg_error(e))
+                }
             })
             .await?;
         if renewed == 1 {
@@ -646,22 +704,21 @@ impl fmt::Debug for PostgresLease {
 #[async_trait]
 impl LeaseRelease for PostgresLease {
     async fn release(self: Box<Self>) -> Result<(), StoreError> {
-        let timeout = self.shared.op_timeout;
-        let work = async {
-            let client = self.pool.get().await.map_err(StoreError::unavailable)?;
-            let statement = client
-                .prepare_cached(&self.shared.sql.release)
-                .await
-                .map_err(StoreError::unavailable)?;
-            client
-                .execute(&statement, &[&self.key, &self.owner, &to_db(self.fencing)?])
-                .await
-                .map_err(StoreError::unavailable)?;
-            Ok(())
-        };
-        tokio::time::timeout(timeout, work)
-            .await
-            .unwrap_or(Err(StoreError::Timeout(timeout)))
+        let fencing = to_db(self.fencing)?;
+        idempotent(&self.pool, self.shared.op_timeout, || {
+            async |client| {
+                let statement = client
+                    .prepare_cached(&self.shared.sql.release)
+                    .await
+                    .map_err(|e| pg_error(&self.shared, e))?;
+                client
+                    .execute(&statement, &[&self.key, &self.owner, &fencing])
+                    .await
+                    .map_err(|e| pg_error(&self.shared, e))?;
+                Ok(())
+            }
+        })
+        .await
     }
 }
 

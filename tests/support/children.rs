@@ -95,6 +95,13 @@ where
         return;
     };
     let config: C = serde_json::from_str(&config).expect("child config");
+    // `TK_CHILD_LOG=1` shows the children's log lines (info and above) on stderr.
+    if std::env::var_os("TK_CHILD_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_max_level(tracing::Level::INFO)
+            .init();
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
