@@ -76,6 +76,76 @@ pub enum Error {
     /// The source is misconfigured (a bad URL, a missing credential...).
     #[error("invalid configuration: {0}")]
     Config(String),
+
+    /// Obtaining a grant ([`crate::consent`]) failed: the person declined, the redirect
+    /// did not come back or did not match, the code was refused. Nothing was stored;
+    /// run the consent again.
+    #[error("consent failed: {reason}{}", provider_suffix(.provider))]
+    Consent {
+        /// What went wrong.
+        reason: ConsentFailure,
+        /// The provider's error code and description, when it sent one.
+        provider: Option<ProviderError>,
+    },
+}
+
+/// Why obtaining a grant failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConsentFailure {
+    /// The person (or the server's policy) declined (`access_denied`).
+    Denied,
+    /// The redirect's `state` did not match the one sent: a forged or stale redirect.
+    /// No code was exchanged.
+    StateMismatch,
+    /// The redirect carried no `state` and the profile says the server echoes it.
+    StateMissing,
+    /// Nobody completed the consent in time.
+    TimedOut,
+    /// The authorization server redirected back with an error code other than
+    /// `access_denied` (named in `provider`).
+    AuthorizationError,
+    /// The token endpoint refused the authorization or device code (used, expired, a
+    /// redirect URI or PKCE verifier that does not match).
+    CodeRejected,
+    /// The device code expired before the person approved it (`expired_token`).
+    DeviceCodeExpired,
+    /// The provider issued no refresh token, so the grant could not be kept alive (Lucid
+    /// needs the `offline_access` scope).
+    NoRefreshToken,
+    /// The input given to the paste flow holds no code, or a redirect for another flow.
+    UnusableInput(String),
+    /// The loopback listener could not be started (the port is taken...).
+    Listener(String),
+}
+
+impl fmt::Display for ConsentFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Denied => f.write_str("the authorization was declined"),
+            Self::StateMismatch => f.write_str(
+                "the redirect's state does not match the one sent (a forged or stale redirect); no code was exchanged",
+            ),
+            Self::StateMissing => f.write_str(
+                "the redirect carries no state although the provider echoes it; no code was exchanged",
+            ),
+            Self::TimedOut => f.write_str("nobody completed the consent in time"),
+            Self::AuthorizationError => {
+                f.write_str("the authorization server redirected back with an error")
+            }
+            Self::CodeRejected => f.write_str(
+                "the token endpoint refused the code (used, expired, or a redirect URI or PKCE verifier that does not match)",
+            ),
+            Self::DeviceCodeExpired => {
+                f.write_str("the device code expired before the authorization was approved")
+            }
+            Self::NoRefreshToken => f.write_str(
+                "the provider issued no refresh token, so the grant cannot be kept alive (Lucid needs the offline_access scope)",
+            ),
+            Self::UnusableInput(why) => write!(f, "the pasted input is unusable: {why}"),
+            Self::Listener(why) => write!(f, "the loopback listener could not start: {why}"),
+        }
+    }
 }
 
 impl Error {
@@ -99,6 +169,13 @@ impl Error {
         match self {
             Error::Transient { retry_after, .. } => *retry_after,
             _ => None,
+        }
+    }
+
+    pub(crate) fn consent(reason: ConsentFailure) -> Self {
+        Error::Consent {
+            reason,
+            provider: None,
         }
     }
 
@@ -129,6 +206,8 @@ pub enum ReauthorizationReason {
     NoRefreshToken,
     /// The refresh token's own expiry has passed.
     RefreshTokenExpired,
+    /// The grant was revoked through this library (`RefreshingTokenSource::revoke`).
+    Revoked,
 }
 
 impl fmt::Display for ReauthorizationReason {
@@ -138,6 +217,7 @@ impl fmt::Display for ReauthorizationReason {
             Self::PreviouslyRejected => "the stored refresh token was rejected earlier",
             Self::NoRefreshToken => "no refresh token is stored for this key",
             Self::RefreshTokenExpired => "the refresh token has expired",
+            Self::Revoked => "the grant was revoked",
         })
     }
 }

@@ -23,6 +23,35 @@ pub(crate) struct TokenEndpoint {
     client: reqwest::Client,
 }
 
+/// What a token request asks for: the grant it presents.
+#[derive(Clone, Copy)]
+pub(crate) enum GrantRequest<'a> {
+    /// `grant_type=refresh_token`, at the token URL, with the profile's refresh scope.
+    Refresh(&'a RefreshToken),
+    /// `grant_type=authorization_code`, at the code-exchange URL.
+    AuthorizationCode {
+        code: &'a str,
+        redirect_uri: &'a str,
+        /// The PKCE verifier, when a challenge was sent.
+        verifier: Option<&'a str>,
+    },
+    /// RFC 8628's device grant, at the code-exchange URL.
+    DeviceCode(&'a str),
+}
+
+impl GrantRequest<'_> {
+    /// The secrets this request carries, scrubbed from any error text.
+    fn secrets(&self) -> Vec<&str> {
+        match *self {
+            GrantRequest::Refresh(token) => vec![token.secret()],
+            GrantRequest::AuthorizationCode { code, verifier, .. } => {
+                [Some(code), verifier].into_iter().flatten().collect()
+            }
+            GrantRequest::DeviceCode(code) => vec![code],
+        }
+    }
+}
+
 /// How a refresh attempt ended, when it did not succeed.
 #[derive(Debug)]
 pub(crate) enum RefreshFailure {
@@ -60,6 +89,10 @@ impl TokenEndpoint {
         &self.profile
     }
 
+    pub(crate) fn credentials(&self) -> &ClientCredentials {
+        &self.credentials
+    }
+
     /// Presents `refresh_token` once. `now` is the clock's reading as the request is sent
     /// (for rate-limit reset instants).
     pub(crate) async fn refresh(
@@ -67,38 +100,133 @@ impl TokenEndpoint {
         refresh_token: &RefreshToken,
         now: OffsetDateTime,
     ) -> Result<TokenResponse, RefreshFailure> {
-        let request = self.build_request(refresh_token);
-        let response = request
-            .send()
+        self.request(GrantRequest::Refresh(refresh_token), now)
             .await
-            .map_err(|e| RefreshFailure::Other(transport_error(e, TransientKind::Connect)))?;
-        let status = response.status();
-        let headers = response.headers().clone();
+    }
+
+    /// Sends one token request for `grant` and classifies the answer.
+    pub(crate) async fn request(
+        &self,
+        grant: GrantRequest<'_>,
+        now: OffsetDateTime,
+    ) -> Result<TokenResponse, RefreshFailure> {
+        let (status, headers, body) = self
+            .send(self.build_request(grant))
+            .await
+            .map_err(RefreshFailure::Other)?;
         let content_type = headers
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        let body = read_capped(response, self.profile.max_response_bytes)
-            .await
-            .map_err(RefreshFailure::Other)?;
         self.classify(
             status,
             &headers,
             content_type.as_deref(),
             &body,
-            refresh_token,
+            &grant.secrets(),
             now,
         )
     }
 
-    fn build_request(&self, refresh_token: &RefreshToken) -> reqwest::RequestBuilder {
-        let profile = &self.profile;
-        let mut fields: Vec<(&str, &str)> = vec![
-            ("grant_type", "refresh_token"),
-            ("refresh_token", refresh_token.secret()),
-        ];
-        let mut request = self.client.post(profile.token_url.clone());
-        match (self.credentials.secret(), profile.client_auth) {
+    /// Sends `request` and reads at most `max_response_bytes` of its answer.
+    async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<(StatusCode, HeaderMap, Vec<u8>), Error> {
+        let response = request
+            .send()
+            .await
+            .map_err(|e| transport_error(e, TransientKind::Connect))?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = read_capped(response, self.profile.max_response_bytes).await?;
+        Ok((status, headers, body))
+    }
+
+    /// A form POST to `url` with the client's authentication (per the profile), for the
+    /// endpoints that always take a form body (revocation, device authorization).
+    fn authenticated_form<'f>(
+        &'f self,
+        url: &url::Url,
+        mut fields: Vec<(&'f str, &'f str)>,
+    ) -> reqwest::RequestBuilder {
+        let request = self.authenticate(self.client.post(url.clone()), &mut fields);
+        self.with_headers(request).form(&fields)
+    }
+
+    /// Revokes `token` (RFC 7009) at the profile's revocation endpoint. `hint` is
+    /// `refresh_token` or `access_token`. Unknown tokens are revoked by definition (the
+    /// server answers 200).
+    pub(crate) async fn revoke(
+        &self,
+        token: &str,
+        hint: &str,
+        now: OffsetDateTime,
+    ) -> Result<(), Error> {
+        let Some(url) = &self.profile.revocation_url else {
+            return Err(Error::Config(format!(
+                "the {} profile has no revocation endpoint",
+                self.profile.name
+            )));
+        };
+        let request =
+            self.authenticated_form(url, vec![("token", token), ("token_type_hint", hint)]);
+        let (status, headers, body) = self.send(request).await?;
+        if status.is_success() {
+            return Ok(());
+        }
+        let content_type = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok());
+        match self.classify(status, &headers, content_type, &body, &[token], now) {
+            Ok(_) => Ok(()),
+            Err(RefreshFailure::Other(e)) => Err(e),
+            // `invalid_grant` from a revocation endpoint: the token is dead already.
+            Err(RefreshFailure::InvalidGrant(_)) => Ok(()),
+        }
+    }
+
+    /// Asks the device authorization endpoint (RFC 8628 3.1) for a device code.
+    pub(crate) async fn device_authorization(
+        &self,
+        scope: Option<&str>,
+    ) -> Result<(StatusCode, HeaderMap, Vec<u8>), Error> {
+        let Some(url) = &self.profile.device_authorization_url else {
+            return Err(Error::Config(format!(
+                "the {} profile has no device authorization endpoint",
+                self.profile.name
+            )));
+        };
+        let mut fields = Vec::new();
+        if let Some(scope) = scope {
+            fields.push(("scope", scope));
+        }
+        self.send(self.authenticated_form(url, fields)).await
+    }
+
+    /// Classifies an answer that is not a success, for callers outside the token grant
+    /// (the device authorization endpoint).
+    pub(crate) fn classify_failure(
+        &self,
+        status: StatusCode,
+        headers: &HeaderMap,
+        body: &[u8],
+        now: OffsetDateTime,
+    ) -> RefreshFailure {
+        let content_type = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok());
+        match self.classify(status, headers, content_type, body, &[], now) {
+            Ok(_) => RefreshFailure::Other(Error::InvalidResponse {
+                reason: format!("HTTP {}: an unexpected token response", status.as_u16()),
+            }),
+            Err(failure) => failure,
+        }
+    }
+
+    /// The client's authentication, per the profile: in `fields`, or as a Basic header.
+    fn authenticate<'f>(
+        &'f self,
+        mut request: reqwest::RequestBuilder,
+        fields: &mut Vec<(&'f str, &'f str)>,
+    ) -> reqwest::RequestBuilder {
+        match (self.credentials.secret(), self.profile.client_auth) {
             (None, _) => fields.push(("client_id", self.credentials.id())),
             (Some(secret), ClientAuth::RequestBody) => {
                 fields.push(("client_id", self.credentials.id()));
@@ -113,10 +241,53 @@ impl TokenEndpoint {
                     .basic_auth(encode(self.credentials.id()), Some(encode(secret.secret())));
             }
         }
-        for (name, value) in &profile.request_headers {
+        request
+    }
+
+    fn with_headers(&self, mut request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        for (name, value) in &self.profile.request_headers {
             request = request.header(name.as_str(), value.as_str());
         }
-        let scope = profile.refresh_scope.as_ref();
+        request
+    }
+
+    fn build_request(&self, grant: GrantRequest<'_>) -> reqwest::RequestBuilder {
+        let profile = &self.profile;
+        let (url, mut fields, scope) = match grant {
+            GrantRequest::Refresh(token) => (
+                &profile.token_url,
+                vec![
+                    ("grant_type", "refresh_token"),
+                    ("refresh_token", token.secret()),
+                ],
+                profile.refresh_scope.as_ref(),
+            ),
+            GrantRequest::AuthorizationCode {
+                code,
+                redirect_uri,
+                verifier,
+            } => {
+                let mut fields = vec![
+                    ("grant_type", "authorization_code"),
+                    ("code", code),
+                    ("redirect_uri", redirect_uri),
+                ];
+                if let Some(verifier) = verifier {
+                    fields.push(("code_verifier", verifier));
+                }
+                (profile.code_exchange_url(), fields, None)
+            }
+            GrantRequest::DeviceCode(code) => (
+                profile.code_exchange_url(),
+                vec![
+                    ("grant_type", "urn:ietf:params:oauth:grant-type:device_code"),
+                    ("device_code", code),
+                ],
+                None,
+            ),
+        };
+        let request = self.authenticate(self.client.post(url.clone()), &mut fields);
+        let request = self.with_headers(request);
         match profile.body_encoding {
             BodyEncoding::Form => {
                 let joined = scope.map(|s| s.join(" "));
@@ -144,7 +315,7 @@ impl TokenEndpoint {
         headers: &HeaderMap,
         content_type: Option<&str>,
         body: &[u8],
-        refresh_token: &RefreshToken,
+        secrets: &[&str],
         now: OffsetDateTime,
     ) -> Result<TokenResponse, RefreshFailure> {
         let profile = &self.profile;
@@ -154,7 +325,7 @@ impl TokenEndpoint {
                 // Some servers answer 200 with an OAuth error body: classify it as one.
                 Err(e) => match parse_error_untruncated(content_type, body) {
                     Some(provider) => {
-                        Err(self.classify_error(status, Some(provider), refresh_token, None))
+                        Err(self.classify_error(status, Some(provider), secrets, None))
                     }
                     None => Err(RefreshFailure::Other(Error::InvalidResponse {
                         reason: format!("HTTP {}: {}", status.as_u16(), e.0),
@@ -184,7 +355,7 @@ impl TokenEndpoint {
             }));
         }
         let provider = parse_error_untruncated(content_type, body);
-        Err(self.classify_error(status, provider, refresh_token, retry_after))
+        Err(self.classify_error(status, provider, secrets, retry_after))
     }
 
     /// Classifies an error answer by its OAuth error code first, then by its status.
@@ -192,11 +363,11 @@ impl TokenEndpoint {
         &self,
         status: StatusCode,
         provider: Option<ProviderError>,
-        refresh_token: &RefreshToken,
+        secrets: &[&str],
         retry_after: Option<Duration>,
     ) -> RefreshFailure {
         let profile = &self.profile;
-        let provider = provider.map(|e| self.scrub(e, refresh_token));
+        let provider = provider.map(|e| self.scrub(e, secrets));
         let code = provider.as_ref().map(|p| p.code.as_str());
         let matches = |codes: &[String]| code.is_some_and(|c| codes.iter().any(|k| k == c));
         // RFC 6749's "try again later" codes, whatever the status they came with.
@@ -240,8 +411,8 @@ impl TokenEndpoint {
     /// Removes any token or secret a provider echoed into its error text (as sent, or
     /// percent-encoded), then cuts the text to length: scrubbing first, so that a secret
     /// cut at the boundary cannot survive.
-    fn scrub(&self, mut error: ProviderError, refresh_token: &RefreshToken) -> ProviderError {
-        let mut secrets = vec![refresh_token.secret().to_owned()];
+    fn scrub(&self, mut error: ProviderError, sent: &[&str]) -> ProviderError {
+        let mut secrets: Vec<String> = sent.iter().map(|s| (*s).to_owned()).collect();
         if let Some(s) = self.credentials.secret() {
             secrets.push(s.secret().to_owned());
         }

@@ -48,6 +48,8 @@
 //!
 //! | feature | what it adds |
 //! |---|---|
+//! | `consent` | [`consent`]: obtaining a grant once (authorization code with a loopback listener or a pasted code, the device grant), using the `oauth2` crate for the authorization URL |
+//! | `cli` | the `tokenkeeper` command (`login`, `token`, `status`, `logout`, `import`) |
 //! | `testing` | [`testing`]: a provider simulator on loopback and a fault-injecting store wrapper, for examples and your own tests |
 //! | `conformance` | `store::conformance`: the suite every [`TokenStore`] must pass |
 //! | `middleware` | `middleware`: reactive refresh (invalidate and retry once on 401, HighQ 403) as a `reqwest-middleware` middleware and a plain `send_with_token` helper |
@@ -63,6 +65,8 @@
 
 mod background;
 mod clock;
+#[cfg(feature = "consent")]
+pub mod consent;
 mod error;
 mod http;
 mod lease;
@@ -82,7 +86,7 @@ mod token;
 
 pub use background::BackgroundTask;
 pub use clock::{Clock, ManualClock, SystemClock, TokioClock};
-pub use error::{Error, ProviderError, ReauthorizationReason, TransientKind};
+pub use error::{ConsentFailure, Error, ProviderError, ReauthorizationReason, TransientKind};
 pub use provider::ProviderProfile;
 pub use refresh::{Builder, RefreshingTokenSource};
 pub use secret::{AccessToken, ClientCredentials, ClientSecret, RefreshToken};

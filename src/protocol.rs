@@ -236,7 +236,12 @@ impl Inner {
                 },
                 () = tokio::time::sleep(WATCH_WHILE_WAITING) => {
                     if let Ok(Some(token)) = self.look_for_fresh(reason).await {
+                        // Not aborted: a lease granted with its answer in flight would
+                        // then be left to expire. `flush` waits for this task.
+                        self.state().lease_tasks += 1;
+                        let inner = std::sync::Arc::clone(self);
                         tokio::spawn(async move {
+                            let _done = crate::refresh::LeaseTaskDone(inner);
                             if let Ok(Ok(held)) = acquiring.await {
                                 held.release().await;
                             }
@@ -268,6 +273,12 @@ impl Inner {
         }
         let mut retried_rotated = false;
         loop {
+            if current.revoked_at.is_some() {
+                return Err(Error::ReauthorizationRequired {
+                    reason: ReauthorizationReason::Revoked,
+                    provider: None,
+                });
+            }
             if current.rejected_at.is_some() {
                 return Err(Error::ReauthorizationRequired {
                     reason: ReauthorizationReason::PreviouslyRejected,
@@ -405,6 +416,76 @@ impl Inner {
                 }
             }
         }
+    }
+
+    /// [`RefreshingTokenSource::revoke`](crate::RefreshingTokenSource::revoke): under the
+    /// lease, the current set (a rotated set this source failed to save settled first);
+    /// its newest token revoked at the provider; then the revoked mark saved over it with
+    /// the compare-and-swap. Another holder's write-ahead record does not stop it: that
+    /// holder's successor belongs to the revoked grant, and the mark supersedes its save.
+    /// With `at_provider` false ([`RefreshingTokenSource::forget`](crate::RefreshingTokenSource::forget)),
+    /// only the store is marked.
+    pub(crate) async fn revoke(&self, at_provider: bool) -> Result<(), Error> {
+        let held = self.acquire().await?;
+        let outcome = async {
+            let stored = held.op(self.store.load(&self.key)).await?;
+            let (current, version) = match stored {
+                Some(stored) if stored.value.revoked_at.is_some() => {
+                    (stored.value, Some(stored.version))
+                }
+                stored => self.current(&held, stored).await?,
+            };
+            if at_provider && current.revoked_at.is_none() {
+                let token = match (&current.refresh_token, &current.access_token) {
+                    (Some(refresh), _) => Some((refresh.secret(), "refresh_token")),
+                    (None, Some(access)) => Some((access.secret(), "access_token")),
+                    (None, None) => None,
+                };
+                match (&self.endpoint.profile().revocation_url, token) {
+                    (Some(_), Some((token, hint))) => {
+                        held.during(self.endpoint.revoke(token, hint, self.clock.now()))
+                            .await?;
+                        tracing::info!(key = %self.key, "revoked the grant at the provider");
+                    }
+                    (None, Some(_)) => {
+                        tracing::warn!(key = %self.key, provider = %self.endpoint.profile().name, "the provider has no revocation endpoint: the grant is removed from the store, but its tokens stay valid at the provider until they expire");
+                    }
+                    (_, None) => {}
+                }
+            }
+            let mut revoked = TokenSet::empty(self.clock.now());
+            revoked.revoked_at = current.revoked_at.or(Some(self.clock.now()));
+            revoked.scopes = current.scopes.clone();
+            held.op(self.store.save(&self.key, &revoked, version, held.lease()))
+                .await?;
+            let mut state = self.state();
+            if let Some(token) = current.refresh_token {
+                state.consumed.push_back(token);
+                if state.consumed.len() > CONSUMED_KEPT {
+                    state.consumed.pop_front();
+                }
+            }
+            state.unsaved = None;
+            state.last_known = Some(revoked);
+            Ok(())
+        }
+        .await;
+        held.release().await;
+        if outcome.is_ok() {
+            self.cache.store(None);
+            let error = Error::ReauthorizationRequired {
+                reason: ReauthorizationReason::Revoked,
+                provider: None,
+            };
+            let mut state = self.state();
+            state.dead = Some(crate::refresh::Dead {
+                error: error.clone(),
+                refresh_token: None,
+                checked_at: self.now(),
+            });
+            state.last_error = Some(error);
+        }
+        outcome
     }
 
     /// Removes this source's write-ahead record from `set` (saved at `version`) when it

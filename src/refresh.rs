@@ -259,14 +259,23 @@ impl RefreshingTokenSource {
         &self,
         refresh_token: impl Into<String>,
     ) -> Result<(), Error> {
+        let seed =
+            TokenSet::from_refresh_token(RefreshToken::new(refresh_token), self.inner.clock.now());
+        self.import(seed).await
+    }
+
+    /// Replaces the stored grant with `seed` under the lease, whatever the store held (a
+    /// dead grant, another grant): what [`import_refresh_token`](Self::import_refresh_token)
+    /// and [`crate::consent::Grant::save`] do. Its access token, if any, is served at once.
+    pub(crate) async fn import(&self, seed: TokenSet) -> Result<(), Error> {
         let inner = &self.inner;
-        let refresh_token = RefreshToken::new(refresh_token);
-        if inner.state().consumed.contains(&refresh_token) {
+        if let Some(token) = &seed.refresh_token
+            && inner.state().consumed.contains(token)
+        {
             return Err(Error::Config(
                 "this refresh token was already used (rotated) by this source: import the one from a new consent".into(),
             ));
         }
-        let seed = TokenSet::from_refresh_token(refresh_token, inner.clock.now());
         let held = inner.acquire().await?;
         let result = async {
             let version = held
@@ -281,6 +290,7 @@ impl RefreshingTokenSource {
             // Still under the lease: no flight of this source can have rotated anything
             // since the seed was saved, so whatever is unsaved predates it.
             inner.cache.store(None);
+            inner.publish(&seed);
             let mut state = inner.state();
             state.unsaved = None;
             state.backoff.succeeded();
@@ -292,6 +302,25 @@ impl RefreshingTokenSource {
         held.release().await;
         result?;
         Ok(())
+    }
+
+    /// Revokes the grant: at the provider's revocation endpoint when the profile has one
+    /// (RFC 7009; revoking the refresh token ends the whole grant), then in the store,
+    /// under the lease and with the compare-and-swap, so that every process sharing the
+    /// store answers [`ReauthorizationReason::Revoked`](crate::ReauthorizationReason::Revoked)
+    /// without presenting anything. The stored set keeps no token. If the provider cannot
+    /// be reached, nothing changes and the error says so; a provider without a
+    /// revocation endpoint (HighQ) only loses the grant from the store (its tokens stay
+    /// valid there until they expire; a warning says so).
+    pub async fn revoke(&self) -> Result<(), Error> {
+        self.inner.revoke(true).await
+    }
+
+    /// Forgets the grant without telling the provider: marks it revoked in the store, as
+    /// [`revoke`](Self::revoke) does, so that every source sharing the store stops using
+    /// it. Its tokens stay valid at the provider until they expire.
+    pub async fn forget(&self) -> Result<(), Error> {
+        self.inner.revoke(false).await
     }
 
     /// The store this source uses.
@@ -327,6 +356,37 @@ impl RefreshingTokenSource {
             }
         }
         self.inner.wait_for_token().await
+    }
+
+    /// A token that is not within the leeway of its expiry: when the cached one is stale,
+    /// waits for the refresh instead of serving it (what [`access_token`](Self::access_token)
+    /// does). For short-lived processes (a command, a cron job), which must not exit with
+    /// a background refresh in flight: build the source with the validity needed as its
+    /// [`leeway`](Builder::leeway), call this, then [`flush`](Self::flush).
+    pub async fn fresh_access_token(&self) -> Result<AccessToken, Error> {
+        if let Some(cached) = &*self.inner.cache.load()
+            && cached.freshness(self.inner.clock.now()) == Freshness::Fresh
+        {
+            return Ok(cached.token.clone());
+        }
+        self.inner.refresh_now(Reason::AccessToken).await
+    }
+
+    /// Waits until this source has no rotated token set left unsaved (a save that failed
+    /// is retried in the background, under the lease) and no lease left to give back (a
+    /// lease granted after the source had adopted another process's tokens). Call it
+    /// before a short-lived process exits: a rotated set lost with the process costs the
+    /// grant, and a lease left behind makes the next process wait for its expiry.
+    pub async fn flush(&self) {
+        loop {
+            {
+                let state = self.inner.state();
+                if state.unsaved.is_none() && !state.persisting && state.lease_tasks == 0 {
+                    return;
+                }
+            }
+            tokio::time::sleep(StdDuration::from_millis(20)).await;
+        }
     }
 
     /// Forgets `rejected` if it is still the current token: see [`TokenSource::invalidate`].
@@ -504,6 +564,9 @@ pub(crate) struct State {
     pub(crate) unsaved: Option<Unsaved>,
     /// True while a task retries saving `unsaved` (it holds, or re-takes, the lease).
     pub(crate) persisting: bool,
+    /// Tasks still giving back a lease this source no longer needs (see
+    /// [`RefreshingTokenSource::flush`]).
+    pub(crate) lease_tasks: usize,
     /// An access token the API rejected (see [`RefreshingTokenSource::invalidate`]).
     pub(crate) rejected_access: Option<AccessToken>,
     /// When a refresh forced by a rejection was last sent.
@@ -792,6 +855,16 @@ impl Inner {
         state.last_forced_refresh.is_none_or(|at| {
             self.now().saturating_duration_since(at) >= self.timing.forced_refresh_interval
         })
+    }
+}
+
+/// Counts down [`State::lease_tasks`] when a lease-returning task ends, however it ends.
+pub(crate) struct LeaseTaskDone(pub(crate) Arc<Inner>);
+
+impl Drop for LeaseTaskDone {
+    fn drop(&mut self) {
+        let mut state = self.0.state();
+        state.lease_tasks = state.lease_tasks.saturating_sub(1);
     }
 }
 

@@ -39,6 +39,15 @@ pub struct TokenSet {
     /// for diagnosis, and never presented to the provider again.
     #[serde(default, with = "time::serde::rfc3339::option")]
     pub rejected_at: Option<OffsetDateTime>,
+    /// Set when the grant was revoked through this library: the set then holds no token,
+    /// and every source sharing the store answers
+    /// [`ReauthorizationReason::Revoked`](crate::ReauthorizationReason::Revoked).
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub revoked_at: Option<OffsetDateTime>,
     /// Other fields of the provider's response (Lucid's `user_id`, HighQ's `useremail`...).
     #[serde(default)]
     pub extra: serde_json::Map<String, serde_json::Value>,
@@ -89,7 +98,8 @@ impl TokenSet {
         }
     }
 
-    fn empty(obtained_at: OffsetDateTime) -> Self {
+    /// A set holding nothing yet.
+    pub(crate) fn empty(obtained_at: OffsetDateTime) -> Self {
         Self {
             access_token: None,
             refresh_token: None,
@@ -99,6 +109,7 @@ impl TokenSet {
             scopes: Vec::new(),
             obtained_at,
             rejected_at: None,
+            revoked_at: None,
             extra: serde_json::Map::new(),
             rotation: None,
         }

@@ -229,20 +229,66 @@ async fn a_json_body_sent_with_a_wrong_content_type_is_still_read() {
     assert_eq!(outcome.unwrap(), "oauth2-new-access");
 }
 
+/// The legacy documentation refreshes at `users.lucidchart.com/oauth2/refreshToken` and
+/// exchanges codes at `/oauth2/token`: the refresh goes to the former, with the same JSON
+/// body, and nothing goes to the latter.
 #[tokio::test]
-async fn the_legacy_profile_speaks_the_same_body_to_the_old_host() {
-    let profile = ProviderProfile::lucid_legacy();
+async fn the_legacy_profile_refreshes_at_refresh_token_with_the_same_body() {
+    let legacy = ProviderProfile::lucid_legacy();
     assert_eq!(
-        profile.token_url.as_str(),
-        "https://users.lucidchart.com/oauth2/token"
+        legacy.token_url.as_str(),
+        "https://users.lucidchart.com/oauth2/refreshToken"
+    );
+    assert_eq!(
+        legacy.code_exchange_url.as_ref().map(Url::as_str),
+        Some("https://users.lucidchart.com/oauth2/token")
     );
     assert_eq!(
         ProviderProfile::lucid().token_url.as_str(),
         "https://api.lucid.co/oauth2/token"
     );
+    assert_eq!(legacy.body_encoding, ProviderProfile::lucid().body_encoding);
+
+    // The same profile, moved to the mock server with its paths kept.
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/oauth2/refreshToken"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(documented_response()))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let moved = |url: &Url| {
+        let mut moved = Url::parse(&server.uri()).unwrap();
+        moved.set_path(url.path());
+        moved
+    };
+    let mut profile = legacy.clone();
+    profile.token_url = moved(&legacy.token_url);
+    profile.code_exchange_url = legacy.code_exchange_url.as_ref().map(moved);
+    let source =
+        RefreshingTokenSource::builder(profile, ClientCredentials::new(CLIENT_ID, CLIENT_SECRET))
+            .clock(ManualClock::new(T0))
+            .initial_refresh_token(REFRESH_TOKEN)
+            .build()
+            .unwrap();
     assert_eq!(
-        profile.body_encoding,
-        ProviderProfile::lucid().body_encoding
+        source.access_token().await.unwrap().secret(),
+        "oauth2-new-access"
     );
-    assert_eq!(profile.expired_token_statuses, vec![401]);
+    let requests = server.received_requests().await.unwrap();
+    assert_eq!(
+        requests.len(),
+        1,
+        "one refresh, at /oauth2/refreshToken only"
+    );
+    let body: Value = serde_json::from_slice(&requests[0].body).unwrap();
+    assert_eq!(
+        body,
+        json!({
+            "grant_type": "refresh_token",
+            "refresh_token": REFRESH_TOKEN,
+            "client_id": CLIENT_ID,
+            "client_secret": CLIENT_SECRET,
+        })
+    );
 }

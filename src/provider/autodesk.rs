@@ -6,6 +6,12 @@ use super::{ClientAuth, EpochUnit, ProviderProfile, Rotation, static_url};
 
 /// The APS v2 token endpoint.
 pub const AUTODESK_TOKEN_URL: &str = "https://developer.api.autodesk.com/authentication/v2/token";
+/// Where a person consents to an Autodesk (APS) three-legged token.
+pub const AUTODESK_AUTHORIZATION_URL: &str =
+    "https://developer.api.autodesk.com/authentication/v2/authorize";
+/// Autodesk's revocation endpoint.
+pub const AUTODESK_REVOCATION_URL: &str =
+    "https://developer.api.autodesk.com/authentication/v2/revoke";
 
 impl ProviderProfile {
     /// Autodesk Platform Services v2: a form body; confidential clients authenticate with
@@ -30,6 +36,10 @@ impl ProviderProfile {
             expires_at_field: Some(("expires_at".into(), EpochUnit::Auto)),
             refresh_token_lifetime: Some(Duration::from_secs(15 * 24 * 3600)),
             rotation: Rotation::SingleUse,
+            authorization_url: Some(static_url(AUTODESK_AUTHORIZATION_URL)),
+            revocation_url: Some(static_url(AUTODESK_REVOCATION_URL)),
+            default_scopes: vec!["data:read".into()],
+            pkce: true,
             ..base
         }
     }

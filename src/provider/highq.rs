@@ -12,7 +12,8 @@ impl ProviderProfile {
     /// Content-Type (and by sniffing when the header lies), numbers possibly as strings,
     /// `refresh_token_expires_in`; a one-year refresh token reset by every refresh and
     /// treated as single use; 403 on the API means an expired access token; 429 carries
-    /// `X-Ratelimit-Reset` (epoch seconds).
+    /// `X-Ratelimit-Reset` (epoch seconds). Consent at `{base_url}authorize.action`, with
+    /// no scope and no PKCE; `state` may not be echoed; no revocation endpoint.
     pub fn highq(base_url: Url) -> Self {
         let mut base = base_url;
         if !base.path().ends_with('/') {
@@ -22,7 +23,13 @@ impl ProviderProfile {
         let token_url = base
             .join("api/oauth2/token")
             .expect("a relative path joins onto any base URL");
+        let authorization_url = base
+            .join("authorize.action")
+            .expect("a relative path joins onto any base URL");
         Self {
+            authorization_url: Some(authorization_url),
+            pkce: false,
+            state_echoed: false,
             response_format: ResponseFormat::ByContentType,
             default_access_token_lifetime: Some(Duration::from_secs(5 * 3600)),
             refresh_token_lifetime: Some(Duration::from_secs(365 * 24 * 3600)),

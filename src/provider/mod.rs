@@ -21,8 +21,11 @@ mod highq;
 mod lucid;
 mod response;
 
-pub use autodesk::AUTODESK_TOKEN_URL;
-pub use lucid::{LUCID_LEGACY_TOKEN_URL, LUCID_TOKEN_URL};
+pub use autodesk::{AUTODESK_AUTHORIZATION_URL, AUTODESK_REVOCATION_URL, AUTODESK_TOKEN_URL};
+pub use lucid::{
+    LUCID_AUTHORIZATION_URL, LUCID_LEGACY_REFRESH_URL, LUCID_LEGACY_TOKEN_URL,
+    LUCID_REVOCATION_URL, LUCID_TOKEN_URL,
+};
 pub use response::{ParseError, TokenResponse, parse_error_response, parse_token_response};
 pub(crate) use response::{parse_error_untruncated, truncate_error};
 
@@ -139,18 +142,59 @@ pub struct ProviderProfile {
     pub request_timeout: Duration,
     /// The most response bytes read; longer bodies are an invalid response.
     pub max_response_bytes: usize,
+
+    // What consent needs (see [`crate::consent`]).
+    /// The authorization endpoint, where a person consents (the authorization-code
+    /// grant). `None`: the provider's consent page is unknown; set it to use
+    /// [`Consent::authorization_code`](crate::consent::Consent::authorization_code).
+    pub authorization_url: Option<Url>,
+    /// Where an authorization code (or a device code) is exchanged, when not at
+    /// [`token_url`](Self::token_url) (Lucid's legacy endpoints refresh at
+    /// `/oauth2/refreshToken` and exchange codes at `/oauth2/token`).
+    pub code_exchange_url: Option<Url>,
+    /// The device authorization endpoint (RFC 8628), for providers that have one.
+    pub device_authorization_url: Option<Url>,
+    /// The token revocation endpoint (RFC 7009 form body: `token`, `token_type_hint`, and
+    /// the client authentication of [`client_auth`](Self::client_auth)).
+    pub revocation_url: Option<Url>,
+    /// Scopes asked for at consent when the caller names none (Lucid: `offline_access`,
+    /// without which no refresh token is issued; HighQ takes no scope).
+    pub default_scopes: Vec<String>,
+    /// Whether to send a PKCE S256 challenge at consent (Autodesk supports it; servers
+    /// that do not may reject the unknown parameters, so it is sent only where set).
+    pub pkce: bool,
+    /// Whether the authorization server echoes `state` on the redirect. When `false`
+    /// (HighQ, per its public clients) a redirect without `state` is accepted with a
+    /// warning; a `state` that is present is always checked.
+    pub state_echoed: bool,
+    /// A redirect URI that shows the code for copying (Lucid:
+    /// `https://lucid.app/oauth2/clients/{client_id}/redirect`), used by the paste flow;
+    /// `{client_id}` is replaced by the client id.
+    pub copy_code_redirect_uri: Option<String>,
 }
 
 impl ProviderProfile {
     /// Checks what can be checked before any request: `https` (or loopback `http`).
     pub fn validate(&self) -> Result<(), crate::Error> {
-        match self.token_url.scheme() {
-            "https" => {}
-            "http" if self.token_url_is_loopback() => {}
-            scheme => {
-                return Err(crate::Error::Config(format!(
-                    "the token URL must use https (got {scheme}; http is allowed only for loopback hosts)"
-                )));
+        let urls = [
+            ("token URL", Some(&self.token_url)),
+            ("code exchange URL", self.code_exchange_url.as_ref()),
+            (
+                "device authorization URL",
+                self.device_authorization_url.as_ref(),
+            ),
+            ("revocation URL", self.revocation_url.as_ref()),
+        ];
+        for (what, url) in urls {
+            let Some(url) = url else { continue };
+            match url.scheme() {
+                "https" => {}
+                "http" if is_loopback(url) => {}
+                scheme => {
+                    return Err(crate::Error::Config(format!(
+                        "the {what} must use https (got {scheme}; http is allowed only for loopback hosts)"
+                    )));
+                }
             }
         }
         for (name, value) in &self.request_headers {
@@ -205,7 +249,20 @@ impl ProviderProfile {
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
             max_response_bytes: 1024 * 1024,
+            authorization_url: None,
+            code_exchange_url: None,
+            device_authorization_url: None,
+            revocation_url: None,
+            default_scopes: Vec::new(),
+            pkce: true,
+            state_echoed: true,
+            copy_code_redirect_uri: None,
         }
+    }
+
+    /// Where authorization and device codes are exchanged.
+    pub(crate) fn code_exchange_url(&self) -> &Url {
+        self.code_exchange_url.as_ref().unwrap_or(&self.token_url)
     }
 }
 

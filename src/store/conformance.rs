@@ -54,6 +54,7 @@ pub async fn run(store: &dyn TokenStore, leases: Leases) {
         a_lease_that_never_expires_needs_no_renewal(store).await;
     }
     key_checks_are_consistent(store).await;
+    keys_lists_what_was_saved(store).await;
 }
 
 /// Persistence: what `first` saved, `second` (a new instance over the same storage) loads.
@@ -99,6 +100,38 @@ pub fn unique_key(what: &str) -> String {
 
 fn ttl() -> Duration {
     Duration::from_secs(10)
+}
+
+/// `keys` lists saved keys (with odd characters intact) and not keys only leased; a store
+/// that cannot list says so.
+async fn keys_lists_what_was_saved(store: &dyn TokenStore) {
+    let saved = [unique_key("list A/b c%41"), unique_key("list-two.x")];
+    for key in &saved {
+        let lease = store.lease(key, ttl()).await.expect("lease");
+        store
+            .save(key, &sample("listed"), None, &lease)
+            .await
+            .expect("save");
+        lease.release().await.expect("release");
+    }
+    let leased_only = unique_key("list-leased-only");
+    let lease = store.lease(&leased_only, ttl()).await.expect("lease");
+    let listed = store.keys().await;
+    lease.release().await.expect("release");
+    match listed {
+        Err(StoreError::Unsupported(_)) => {}
+        Err(e) => panic!("keys failed: {e}"),
+        Ok(keys) => {
+            for key in &saved {
+                assert!(keys.contains(key), "keys lists the saved key {key:?}");
+            }
+            assert!(
+                !keys.contains(&leased_only),
+                "keys does not list a key that was only leased"
+            );
+            assert!(keys.is_sorted(), "keys are sorted");
+        }
+    }
 }
 
 async fn load_of_a_missing_key_is_none(store: &dyn TokenStore) {

@@ -178,6 +178,28 @@ fn escape(key: &str, keep_letter: impl Fn(u8) -> bool) -> Result<String, StoreEr
     Ok(stem)
 }
 
+/// The key a file stem stands for (current or legacy escaping); `None` for names this
+/// store did not write (temporary files start with a dot).
+fn unescape(stem: &str) -> Option<String> {
+    if stem.is_empty() || stem.starts_with('.') {
+        return None;
+    }
+    let bytes = stem.as_bytes();
+    let mut key = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            key.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            key.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(key).ok()
+}
+
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, StoreError> {
@@ -195,6 +217,31 @@ impl TokenStore for FileStore {
     async fn load(&self, key: &str) -> Result<Option<Versioned<TokenSet>>, StoreError> {
         let (store, key) = (self.clone(), key.to_owned());
         blocking(move || store.read(&key)).await
+    }
+
+    async fn keys(&self) -> Result<Vec<String>, StoreError> {
+        let dir = self.dir.clone();
+        blocking(move || {
+            let entries = match fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+                Err(e) => return Err(StoreError::unavailable(e)),
+            };
+            let mut keys = Vec::new();
+            for entry in entries {
+                let name = entry.map_err(StoreError::unavailable)?.file_name();
+                let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
+                    continue;
+                };
+                if let Some(key) = unescape(stem) {
+                    keys.push(key);
+                }
+            }
+            keys.sort();
+            keys.dedup();
+            Ok(keys)
+        })
+        .await
     }
 
     async fn save(

@@ -84,6 +84,12 @@ impl Shared {
 
 #[async_trait]
 impl TokenStore for MemoryStore {
+    async fn keys(&self) -> Result<Vec<String>, StoreError> {
+        let mut keys: Vec<String> = self.shared.lock().entries.keys().cloned().collect();
+        keys.sort();
+        Ok(keys)
+    }
+
     async fn load(&self, key: &str) -> Result<Option<Versioned<TokenSet>>, StoreError> {
         Ok(self.get(key))
     }

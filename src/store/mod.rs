@@ -109,6 +109,12 @@ pub trait TokenStore: fmt::Debug + Send + Sync + 'static {
         }
     }
 
+    /// Every key that holds a token set, sorted (for operators: `tokenkeeper status`).
+    /// The default: [`StoreError::Unsupported`], for stores that cannot list.
+    async fn keys(&self) -> Result<Vec<String>, StoreError> {
+        Err(StoreError::Unsupported("listing keys"))
+    }
+
     /// Checks that `key` can be stored here at all (length, characters), without
     /// touching the store. [`crate::Builder::build`] calls it, so that a key the store
     /// cannot hold is a configuration error at once. Default: any non-empty key.
@@ -142,6 +148,9 @@ impl<S: TokenStore + ?Sized> TokenStore for Arc<S> {
     }
     async fn renew(&self, key: &str, lease: &Lease, ttl: Duration) -> Result<(), StoreError> {
         (**self).renew(key, lease, ttl).await
+    }
+    async fn keys(&self) -> Result<Vec<String>, StoreError> {
+        (**self).keys().await
     }
     fn check_key(&self, key: &str) -> Result<(), StoreError> {
         (**self).check_key(key)

@@ -109,6 +109,7 @@ const DEFAULT_OP_TIMEOUT: Duration = Duration::from_secs(5);
 
 struct Sql {
     load: String,
+    keys: String,
     lease: String,
     renew: String,
     release: String,
@@ -121,6 +122,7 @@ impl Sql {
     fn new(t: &str) -> Self {
         Self {
             load: format!("SELECT version, body FROM {t} WHERE key = $1 AND version IS NOT NULL"),
+            keys: format!("SELECT key FROM {t} WHERE version IS NOT NULL ORDER BY key"),
             lease: format!(
                 "INSERT INTO {t} AS t (key, lease_owner, lease_fencing, lease_expires_at) \
                  VALUES ($1, $2, 1, clock_timestamp() + $3::bigint * interval '1 millisecond') \
@@ -457,6 +459,26 @@ fn to_db(version: u64) -> Result<i64, StoreError> {
 
 #[async_trait]
 impl TokenStore for PostgresStore {
+    async fn keys(&self) -> Result<Vec<String>, StoreError> {
+        let rows = self
+            .idempotent(|| {
+                async |client| {
+                    let statement = client
+                        .prepare_cached(&self.shared.sql.keys)
+                        .await
+                        .map_err(|e| self.pg_error(e))?;
+                    client
+                        .query(&statement, &[])
+                        .await
+                        .map_err(|e| self.pg_error(e))
+                }
+            })
+            .await?;
+        rows.iter()
+            .map(|row| row.try_get::<_, String>(0).map_err(StoreError::unavailable))
+            .collect()
+    }
+
     async fn load(&self, key: &str) -> Result<Option<Versioned<TokenSet>>, StoreError> {
         check_key(key)?;
         let row = self

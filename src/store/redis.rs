@@ -314,6 +314,43 @@ fn check_key(key: &str) -> Result<(), StoreError> {
 
 #[async_trait]
 impl TokenStore for RedisStore {
+    async fn keys(&self) -> Result<Vec<String>, StoreError> {
+        let token_prefix = format!("{}token:", self.prefix);
+        let glob: String = token_prefix
+            .chars()
+            .flat_map(|c| match c {
+                '*' | '?' | '[' | ']' | '\\' => vec!['\\', c],
+                c => vec![c],
+            })
+            .collect();
+        let pattern = format!("{glob}*");
+        let mut connection = self.connection.clone();
+        let (mut cursor, mut keys) = (0u64, Vec::new());
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut connection)
+                .await
+                .map_err(StoreError::unavailable)?;
+            keys.extend(
+                batch
+                    .iter()
+                    .filter_map(|k| k.strip_prefix(&token_prefix).map(str::to_owned)),
+            );
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        keys.sort();
+        keys.dedup();
+        Ok(keys)
+    }
+
     async fn load(&self, key: &str) -> Result<Option<Versioned<TokenSet>>, StoreError> {
         let token_key = self.token_key(key)?;
         let mut connection = self.connection.clone();

@@ -310,6 +310,10 @@ impl<S: TokenStore> TokenStore for FaultyStore<S> {
         inject(StoreOp::Renew, fault, self.inner.renew(key, lease, ttl)).await
     }
 
+    async fn keys(&self) -> Result<Vec<String>, StoreError> {
+        self.inner.keys().await
+    }
+
     fn check_key(&self, key: &str) -> Result<(), StoreError> {
         self.inner.check_key(key)
     }
