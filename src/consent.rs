@@ -279,6 +279,25 @@ impl AuthorizationCode {
     /// names it. Show [`LoopbackConsent::url`] or [`LoopbackConsent::open_browser`], then
     /// await [`LoopbackConsent::finish`].
     pub async fn listen(self) -> Result<LoopbackConsent, Error> {
+        if !["127.0.0.1", "localhost", "[::1]"]
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(&self.host))
+        {
+            return Err(Error::Config(format!(
+                "the loopback redirect host must be 127.0.0.1, localhost or [::1], not {:?}: the listener only listens on this machine",
+                self.host
+            )));
+        }
+        if !self
+            .path
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/-._~".contains(&b))
+        {
+            return Err(Error::Config(format!(
+                "the callback path {:?} may hold only letters, digits and / - . _ ~",
+                self.path
+            )));
+        }
         let mut bound = None;
         let mut last_error = None;
         for port in self.ports.clone() {
@@ -344,6 +363,24 @@ impl AuthorizationCode {
 
     /// The authorization URL (by the `oauth2` crate), its `state` and PKCE verifier.
     fn request(self, redirect_uri: Url) -> Result<Request, Error> {
+        const RESERVED: [&str; 7] = [
+            "response_type",
+            "client_id",
+            "redirect_uri",
+            "scope",
+            "state",
+            "code_challenge",
+            "code_challenge_method",
+        ];
+        if let Some((name, _)) = self
+            .extra_params
+            .iter()
+            .find(|(name, _)| RESERVED.contains(&name.as_str()))
+        {
+            return Err(Error::Config(format!(
+                "the authorization parameter {name:?} is set by the flow itself; it cannot be an extra parameter"
+            )));
+        }
         let profile = self.exchange.profile();
         let client = oauth2::basic::BasicClient::new(ClientId::new(
             self.exchange.endpoint.credentials().id().to_owned(),
@@ -383,24 +420,36 @@ struct Request {
     exchange: Arc<Exchange>,
 }
 
+/// What a redirect says, once its `state` is judged.
+enum Redirect {
+    /// A code to exchange.
+    Code(String),
+    /// An answer from the authorization server (an error, or neither error nor code):
+    /// the consent ends with it.
+    Failed(Error),
+    /// A forged or stale redirect (wrong or missing `state`): refused; the loopback flow
+    /// goes on waiting for the real one.
+    Forged(ConsentFailure),
+}
+
 impl Request {
-    /// Checks a redirect's parameters and exchanges its code, once.
-    async fn complete(self, params: &[(String, String)]) -> Result<Grant, Error> {
+    /// Judges a redirect's parameters: `state` first (an error redirect with a forged
+    /// state is a forgery, not an answer), then the error or the code.
+    fn judge(&self, params: &[(String, String)]) -> Redirect {
         let get = |name: &str| {
             params
                 .iter()
                 .find(|(k, _)| k == name)
                 .map(|(_, v)| v.as_str())
         };
-        // `state` first: an error redirect with a forged state is a forgery, not an answer.
         match get("state") {
             Some(state) if constant_time_eq(state.as_bytes(), self.state.secret().as_bytes()) => {}
-            Some(_) => return Err(Error::consent(ConsentFailure::StateMismatch)),
+            Some(_) => return Redirect::Forged(ConsentFailure::StateMismatch),
             None if self.exchange.profile().state_echoed => {
-                return Err(Error::consent(ConsentFailure::StateMissing));
+                return Redirect::Forged(ConsentFailure::StateMissing);
             }
             None => {
-                tracing::warn!(provider = %self.exchange.profile().name, "the redirect carries no state; accepted because the profile says this server does not echo it");
+                tracing::warn!(provider = %self.exchange.profile().name, "the redirect carries no state; accepted because the profile says this server does not echo it (check which account signed in)");
             }
         }
         if let Some(code) = get("error") {
@@ -413,14 +462,23 @@ impl Request {
             } else {
                 ConsentFailure::AuthorizationError
             };
-            return Err(Error::Consent { reason, provider });
+            return Redirect::Failed(Error::Consent { reason, provider });
         }
-        let Some(code) = get("code").filter(|c| !c.is_empty()) else {
-            return Err(Error::consent(ConsentFailure::UnusableInput(
+        match get("code").filter(|c| !c.is_empty()) {
+            Some(code) => Redirect::Code(code.to_owned()),
+            None => Redirect::Failed(Error::consent(ConsentFailure::UnusableInput(
                 "the redirect carries neither a code nor an error".into(),
-            )));
-        };
-        self.exchange_code(code).await
+            ))),
+        }
+    }
+
+    /// Judges a redirect and exchanges its code, once.
+    async fn complete(&self, params: &[(String, String)]) -> Result<Grant, Error> {
+        match self.judge(params) {
+            Redirect::Code(code) => self.exchange_code(&code).await,
+            Redirect::Failed(e) => Err(e),
+            Redirect::Forged(reason) => Err(Error::consent(reason)),
+        }
     }
 
     async fn exchange_code(&self, code: &str) -> Result<Grant, Error> {
@@ -493,40 +551,68 @@ impl LoopbackConsent {
             timeout,
             request,
         } = self;
-        let wait = async {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                match read_callback(stream, &path).await {
-                    Some((stream, params)) => return (stream, params),
-                    None => continue,
+        let deadline = tokio::time::Instant::now() + timeout;
+        // Each connection is read in its own task: an idle one (a browser's preconnect)
+        // holds up nobody.
+        let (tx, mut callbacks) = tokio::sync::mpsc::channel(8);
+        let path = Arc::<str>::from(path);
+        let mut refused = None;
+        let (mut stream, code) = loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        let (tx, path) = (tx.clone(), Arc::clone(&path));
+                        tokio::spawn(async move {
+                            if let Some(callback) = read_callback(stream, &path).await {
+                                let _ = tx.send(callback).await;
+                            }
+                        });
+                    }
+                    // Out of file descriptors, say: no busy loop.
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                },
+                Some((mut stream, params)) = callbacks.recv() => match request.judge(&params) {
+                    Redirect::Code(code) => break (stream, code),
+                    Redirect::Failed(e) => {
+                        let _ = respond(&mut stream, "400 Bad Request", &failure_page(&e)).await;
+                        return Err(e);
+                    }
+                    Redirect::Forged(reason) => {
+                        tracing::warn!(reason = %reason, "refused a redirect to the loopback listener; still waiting for the real one");
+                        let e = Error::consent(reason.clone());
+                        let _ = respond(&mut stream, "400 Bad Request", &failure_page(&e)).await;
+                        refused = Some(reason);
+                    }
+                },
+                () = tokio::time::sleep_until(deadline) => {
+                    // A refused redirect says more than the timeout it led to.
+                    return Err(Error::consent(refused.unwrap_or(ConsentFailure::TimedOut)));
                 }
             }
         };
-        let Ok((mut stream, params)) = tokio::time::timeout(timeout, wait).await else {
-            return Err(Error::consent(ConsentFailure::TimedOut));
-        };
+        // One code, exchanged once: nobody else is listened to.
         drop(listener);
-        let outcome = request.complete(&params).await;
-        let page = match &outcome {
-            Ok(_) => page(
-                "Signed in",
-                "You can close this window and return to the terminal.",
+        let outcome = request.exchange_code(&code).await;
+        let (status, page) = match &outcome {
+            Ok(_) => (
+                "200 OK",
+                page(
+                    "Signed in",
+                    "You can close this window and return to the terminal.",
+                ),
             ),
-            Err(e) => page(
-                "Sign-in failed",
-                &format!("{e}. Return to the terminal for details."),
-            ),
-        };
-        let status = if outcome.is_ok() {
-            "200 OK"
-        } else {
-            "400 Bad Request"
+            Err(e) => ("400 Bad Request", failure_page(e)),
         };
         let _ = respond(&mut stream, status, &page).await;
         outcome
     }
+}
+
+fn failure_page(e: &Error) -> String {
+    page(
+        "Sign-in failed",
+        &format!("{e}. Return to the terminal for details."),
+    )
 }
 
 /// Reads one browser request. Requests for other paths (a favicon) are answered 404 and
@@ -831,6 +917,10 @@ impl DeviceConsent {
             let code = match &error {
                 Error::RequestRejected { provider, .. } => Some(provider.code.as_str()),
                 Error::Consent {
+                    provider: Some(provider),
+                    ..
+                }
+                | Error::ClientRejected {
                     provider: Some(provider),
                     ..
                 } => Some(provider.code.as_str()),

@@ -71,8 +71,9 @@ impl TokenEndpoint {
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(profile.connect_timeout)
             .timeout(profile.request_timeout);
-        if profile.token_url_is_loopback() {
-            // A proxy from HTTP_PROXY cannot reach this machine's loopback.
+        if profile.any_url_is_loopback() {
+            // A proxy from HTTP_PROXY cannot reach this machine's loopback, and must not
+            // carry a code or a secret sent to it in clear.
             builder = builder.no_proxy();
         }
         let client = builder

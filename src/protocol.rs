@@ -66,6 +66,9 @@ fn reconcile(
     consumed: &VecDeque<RefreshToken>,
 ) -> Reconciled {
     match stored {
+        // A revoked grant is never written over by a rotation of it (a key lost and
+        // re-created restarts versions, which would otherwise look like the arm below).
+        Some(stored) if stored.value.revoked_at.is_some() => Reconciled::Superseded,
         Some(stored)
             if stored.value.refresh_token == unsaved.set.refresh_token
                 && stored.value.access_token == unsaved.set.access_token
@@ -265,6 +268,12 @@ impl Inner {
     }
 
     async fn under_lease(&self, held: &HeldLease, reason: Reason) -> Outcome {
+        // A revoke or an import replaced the grant since this flight started: it must
+        // not present the new grant's token on the old one's behalf (it could neither
+        // publish nor keep the answer). The caller's next call starts a new flight.
+        if crate::refresh::flight_is_stale(&self.state()) {
+            return Err(Error::transient(TransientKind::Interrupted, None));
+        }
         // Step 2.
         let stored = held.op(self.store.load(&self.key)).await?;
         let (mut current, mut version) = self.current(held, stored).await?;
@@ -427,65 +436,87 @@ impl Inner {
     /// only the store is marked.
     pub(crate) async fn revoke(&self, at_provider: bool) -> Result<(), Error> {
         let held = self.acquire().await?;
-        let outcome = async {
-            let stored = held.op(self.store.load(&self.key)).await?;
-            let (current, version) = match stored {
-                Some(stored) if stored.value.revoked_at.is_some() => {
-                    (stored.value, Some(stored.version))
-                }
-                stored => self.current(&held, stored).await?,
-            };
-            if at_provider && current.revoked_at.is_none() {
-                let token = match (&current.refresh_token, &current.access_token) {
-                    (Some(refresh), _) => Some((refresh.secret(), "refresh_token")),
-                    (None, Some(access)) => Some((access.secret(), "access_token")),
-                    (None, None) => None,
-                };
-                match (&self.endpoint.profile().revocation_url, token) {
-                    (Some(_), Some((token, hint))) => {
-                        held.during(self.endpoint.revoke(token, hint, self.clock.now()))
-                            .await?;
-                        tracing::info!(key = %self.key, "revoked the grant at the provider");
-                    }
-                    (None, Some(_)) => {
-                        tracing::warn!(key = %self.key, provider = %self.endpoint.profile().name, "the provider has no revocation endpoint: the grant is removed from the store, but its tokens stay valid at the provider until they expire");
-                    }
-                    (_, None) => {}
-                }
-            }
-            let mut revoked = TokenSet::empty(self.clock.now());
-            revoked.revoked_at = current.revoked_at.or(Some(self.clock.now()));
-            revoked.scopes = current.scopes.clone();
-            held.op(self.store.save(&self.key, &revoked, version, held.lease()))
-                .await?;
-            let mut state = self.state();
-            if let Some(token) = current.refresh_token {
-                state.consumed.push_back(token);
-                if state.consumed.len() > CONSUMED_KEPT {
-                    state.consumed.pop_front();
-                }
-            }
-            state.unsaved = None;
-            state.last_known = Some(revoked);
-            Ok(())
-        }
-        .await;
+        let outcome = self.revoke_under(&held, at_provider).await;
         held.release().await;
-        if outcome.is_ok() {
-            self.cache.store(None);
-            let error = Error::ReauthorizationRequired {
-                reason: ReauthorizationReason::Revoked,
-                provider: None,
-            };
-            let mut state = self.state();
-            state.dead = Some(crate::refresh::Dead {
-                error: error.clone(),
-                refresh_token: None,
-                checked_at: self.now(),
-            });
-            state.last_error = Some(error);
-        }
         outcome
+    }
+
+    async fn revoke_under(&self, held: &HeldLease, at_provider: bool) -> Result<(), Error> {
+        let stored = held.op(self.store.load(&self.key)).await?;
+        let (current, version) = match stored {
+            Some(stored) if stored.value.revoked_at.is_some() => {
+                (stored.value, Some(stored.version))
+            }
+            stored => self.current(held, stored).await?,
+        };
+        // Another holder presenting the token may hold its successor: revoking the
+        // stored token (then invalid) would revoke nothing, and its successor would be
+        // lost with the mark. Wait for it as a refresh does.
+        if let Some(rotation) = current.rotation.as_ref().filter(|r| r.holder != self.id) {
+            self.may_take_over(held, rotation)?;
+        }
+        if at_provider && current.revoked_at.is_none() {
+            // A store handing back a token this source saw rotated: the newest one this
+            // source knows is the live one.
+            let refresh = match &current.refresh_token {
+                Some(token) if self.state().consumed.contains(token) => self
+                    .state()
+                    .last_known
+                    .as_ref()
+                    .and_then(|known| known.refresh_token.clone()),
+                token => token.clone(),
+            };
+            let token = match (&refresh, &current.access_token) {
+                (Some(refresh), _) => Some((refresh.secret(), "refresh_token")),
+                (None, Some(access)) => Some((access.secret(), "access_token")),
+                (None, None) => None,
+            };
+            match (&self.endpoint.profile().revocation_url, token) {
+                (Some(_), Some((token, hint))) => {
+                    let timeout = self.endpoint.profile().request_timeout;
+                    if !held.outlasts(timeout).await {
+                        return Err(Error::transient(TransientKind::LeaseBusy, None));
+                    }
+                    held.during(self.endpoint.revoke(token, hint, self.clock.now()))
+                        .await?;
+                    tracing::info!(key = %self.key, "revoked the grant at the provider");
+                }
+                (None, Some(_)) => {
+                    tracing::warn!(key = %self.key, provider = %self.endpoint.profile().name, "the provider has no revocation endpoint: the grant is removed from the store, but its tokens stay valid at the provider until they expire");
+                }
+                (_, None) => {}
+            }
+        }
+        let mut revoked = TokenSet::empty(self.clock.now());
+        revoked.revoked_at = current.revoked_at.or(Some(self.clock.now()));
+        revoked.scopes = current.scopes.clone();
+        held.op(self.store.save(&self.key, &revoked, version, held.lease()))
+            .await?;
+        // Still under the lease, before anything else of this source can take it (an
+        // import in another task): the cache and the state follow the store.
+        let error = Error::ReauthorizationRequired {
+            reason: ReauthorizationReason::Revoked,
+            provider: None,
+        };
+        let mut state = self.state();
+        // Flights started before this point publish nothing any more.
+        state.epoch = state.epoch.wrapping_add(1);
+        self.cache.store(None);
+        if at_provider && let Some(token) = current.refresh_token {
+            state.consumed.push_back(token);
+            if state.consumed.len() > CONSUMED_KEPT {
+                state.consumed.pop_front();
+            }
+        }
+        state.unsaved = None;
+        state.last_known = Some(revoked);
+        state.dead = Some(crate::refresh::Dead {
+            error: error.clone(),
+            refresh_token: None,
+            checked_at: self.now(),
+        });
+        state.last_error = Some(error);
+        Ok(())
     }
 
     /// Removes this source's write-ahead record from `set` (saved at `version`) when it
@@ -622,6 +653,12 @@ impl Inner {
                 if state.consumed.len() > CONSUMED_KEPT {
                     state.consumed.pop_front();
                 }
+            }
+            if crate::refresh::flight_is_stale(&state) {
+                // A revoke or an import replaced the grant after this flight started
+                // (its lease was lost meanwhile): its successor belongs to the old grant.
+                tracing::warn!(key = %self.key, "the grant was revoked or replaced during this refresh; dropping its answer");
+                return Err(Error::transient(TransientKind::Interrupted, None));
             }
             state.unsaved = Some(Unsaved {
                 set: next.clone(),

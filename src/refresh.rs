@@ -289,9 +289,14 @@ impl RefreshingTokenSource {
         if result.is_ok() {
             // Still under the lease: no flight of this source can have rotated anything
             // since the seed was saved, so whatever is unsaved predates it.
+            let mut state = inner.state();
+            // Flights started before this point publish nothing any more.
+            state.epoch = state.epoch.wrapping_add(1);
+            drop(state);
             inner.cache.store(None);
             inner.publish(&seed);
             let mut state = inner.state();
+            state.last_error = None;
             state.unsaved = None;
             state.backoff.succeeded();
             state.store_spacing.succeeded();
@@ -567,6 +572,10 @@ pub(crate) struct State {
     /// Tasks still giving back a lease this source no longer needs (see
     /// [`RefreshingTokenSource::flush`]).
     pub(crate) lease_tasks: usize,
+    /// Bumped, under the lease, when a revoke or an import replaces the grant: a flight
+    /// started under an older epoch (its store reads or its answer arriving late)
+    /// publishes nothing and keeps no rotated set.
+    pub(crate) epoch: u64,
     /// An access token the API rejected (see [`RefreshingTokenSource::invalidate`]).
     pub(crate) rejected_access: Option<AccessToken>,
     /// When a refresh forced by a rejection was last sent.
@@ -734,14 +743,15 @@ impl Inner {
         let serial = slot.serial;
         let (tx, rx) = tokio::sync::oneshot::channel();
         let inner = Arc::clone(self);
-        tokio::spawn(async move {
+        let epoch = self.state().epoch;
+        tokio::spawn(FLIGHT_EPOCH.scope(epoch, async move {
             // Clears the slot whatever happens to this task (a panic, an abort).
             let _clear = ClearFlight {
                 inner: Arc::clone(&inner),
                 serial,
             };
             inner.fly(job, serial, tx).await;
-        });
+        }));
         let flight = async move {
             rx.await
                 .unwrap_or_else(|_| Err(Error::transient(TransientKind::Interrupted, None)))
@@ -837,6 +847,9 @@ impl Inner {
 
     /// Publishes a token set's access token to the hot path.
     pub(crate) fn publish(&self, set: &TokenSet) -> Option<AccessToken> {
+        if flight_is_stale(&self.state()) {
+            return None;
+        }
         let token = set.access_token.clone()?;
         let stale_at = set.stale_at(self.leeway);
         self.cache.store(Some(Arc::new(Cached {
@@ -856,6 +869,18 @@ impl Inner {
             self.now().saturating_duration_since(at) >= self.timing.forced_refresh_interval
         })
     }
+}
+
+tokio::task_local! {
+    /// The grant epoch ([`State::epoch`]) a flight's task started under.
+    static FLIGHT_EPOCH: u64;
+}
+
+/// True inside a flight's task started before the latest revoke or import.
+pub(crate) fn flight_is_stale(state: &State) -> bool {
+    FLIGHT_EPOCH
+        .try_with(|epoch| *epoch != state.epoch)
+        .unwrap_or(false)
 }
 
 /// Counts down [`State::lease_tasks`] when a lease-returning task ends, however it ends.

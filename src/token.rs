@@ -148,6 +148,7 @@ impl fmt::Debug for TokenSet {
             .field("scopes", &self.scopes)
             .field("obtained_at", &self.obtained_at)
             .field("rejected_at", &self.rejected_at)
+            .field("revoked_at", &self.revoked_at)
             // Extra fields may hold an id_token or other credentials: names only.
             .field("extra", &self.extra.keys().collect::<Vec<_>>())
             .field("rotation", &self.rotation)

@@ -914,7 +914,13 @@ async fn readme_shortest_paths_per_provider() {
     ]
     .map(str::to_owned)
     .into();
-    assert_exit(&login(&sandbox, &flags).await, 0);
+    let output = login(&sandbox, &flags).await;
+    assert_exit(&output, 0);
+    assert!(
+        output.stderr.contains("signed in useremail user"),
+        "the account is named: {}",
+        output.stderr
+    );
     printed_token(&sandbox.token().await);
     assert_eq!(sim.counters().code_exchanges, 1, "HighQ");
     assert_eq!(sim.counters().refreshes, 0, "HighQ");

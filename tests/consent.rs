@@ -139,7 +139,9 @@ async fn loopback_consent_lands_the_grant_in_the_store_for_every_provider() {
     }
 }
 
-/// A redirect whose `state` differs: refused, no code exchanged, nothing stored.
+/// A redirect whose `state` differs: refused with a failure page, its code not
+/// exchanged; the wait goes on (a forged redirect cannot abort the consent), and the
+/// real redirect still completes it. Without one, the refusal is the error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_state_mismatch_is_refused_without_exchanging_the_code() {
     let sim = Simulator::builder(Mode::Generic).start().await.unwrap();
@@ -149,6 +151,26 @@ async fn a_state_mismatch_is_refused_without_exchanging_the_code() {
     let forged = with_param(&redirect, "state", &forged_state(&redirect));
     let page = browser().get(forged).send().await.unwrap();
     assert_eq!(page.status(), 400, "a failure page");
+    assert_eq!(sim.counters().code_exchanges, 0, "no code exchanged");
+    assert!(!finish.is_finished(), "still waiting for the real redirect");
+    let page = browser().get(redirect).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    finish
+        .await
+        .unwrap()
+        .expect("the real redirect completes the consent");
+    assert_eq!(sim.counters().code_exchanges, 1);
+
+    let consent = Consent::authorization_code(sim.profile(), sim.credentials())
+        .unwrap()
+        .timeout(Duration::from_millis(800))
+        .listen()
+        .await
+        .unwrap();
+    let redirect = redirect_of(consent.url()).await;
+    let finish = finishing(consent);
+    let forged = with_param(&redirect, "state", &forged_state(&redirect));
+    assert_eq!(browser().get(forged).send().await.unwrap().status(), 400);
     let outcome = finish.await.unwrap();
     assert!(
         matches!(
@@ -160,14 +182,23 @@ async fn a_state_mismatch_is_refused_without_exchanging_the_code() {
         ),
         "{outcome:?}"
     );
-    assert_eq!(sim.counters().code_exchanges, 0, "no code exchanged");
+    assert_eq!(
+        sim.counters().code_exchanges,
+        1,
+        "the forged code was never exchanged"
+    );
 }
 
 /// A redirect without `state` from a server that echoes it: refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_state_is_refused_where_the_server_echoes_it() {
     let sim = Simulator::builder(Mode::Generic).start().await.unwrap();
-    let consent = listening(&sim).await;
+    let consent = Consent::authorization_code(sim.profile(), sim.credentials())
+        .unwrap()
+        .timeout(Duration::from_millis(800))
+        .listen()
+        .await
+        .unwrap();
     let redirect = redirect_of(consent.url()).await;
     let finish = finishing(consent);
     let mut stripped = redirect.clone();
@@ -177,7 +208,7 @@ async fn a_missing_state_is_refused_where_the_server_echoes_it() {
         .map(|(k, v)| (k.into_owned(), v.into_owned()))
         .collect();
     stripped.query_pairs_mut().clear().extend_pairs(pairs);
-    let _ = browser().get(stripped).send().await.unwrap();
+    assert_eq!(browser().get(stripped).send().await.unwrap().status(), 400);
     let outcome = finish.await.unwrap();
     assert!(
         matches!(
@@ -190,6 +221,51 @@ async fn a_missing_state_is_refused_where_the_server_echoes_it() {
         "{outcome:?}"
     );
     assert_eq!(sim.counters().code_exchanges, 0);
+}
+
+/// A connection that sends nothing (a browser's preconnect) does not hold up the real
+/// redirect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_does_not_hold_up_the_callback() {
+    let sim = Simulator::builder(Mode::Generic).start().await.unwrap();
+    let consent = listening(&sim).await;
+    let port = consent.redirect_uri().port().unwrap();
+    let redirect = redirect_of(consent.url()).await;
+    let finish = finishing(consent);
+    let _idle = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = tokio::time::Instant::now();
+    let page = browser().get(redirect).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    finish.await.unwrap().unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "answered at once, not after the idle connection's read timeout: {:?}",
+        started.elapsed()
+    );
+}
+
+/// Settings that would send the code off this machine, or never match, are refused.
+#[tokio::test]
+async fn listener_settings_that_cannot_work_are_refused() {
+    let sim = Simulator::builder(Mode::Generic).start().await.unwrap();
+    let flow = || Consent::authorization_code(sim.profile(), sim.credentials()).unwrap();
+    for outcome in [
+        flow().redirect_host("attacker.example").listen().await,
+        flow().callback_path("/cb?x=1").listen().await,
+        flow().extra_param("state", "fixed").listen().await,
+    ] {
+        assert!(matches!(outcome, Err(Error::Config(_))), "{outcome:?}");
+    }
+    flow()
+        .redirect_host("localhost")
+        .callback_path("oauth/callback")
+        .extra_param("prompt", "consent")
+        .listen()
+        .await
+        .expect("a valid configuration");
 }
 
 /// HighQ's server may not echo `state`: the profile says so, and the redirect without it
@@ -631,4 +707,94 @@ async fn a_failed_revocation_leaves_the_grant_in_place() {
     let after = store.get("default").unwrap();
     assert_eq!(after.version, before.version, "the store is untouched");
     source.access_token().await.unwrap();
+}
+
+/// A read of this source's that was in flight when `forget` (or `revoke`, or an import)
+/// replaced the grant answers late with the old set: it is not served, and the source
+/// answers `Revoked` from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_answered_after_forget_does_not_bring_the_old_token_back() {
+    use tokenkeeper::testing::{FaultyStore, StoreFault, StoreOp};
+    let sim = Simulator::builder(Mode::Lucid).start().await.unwrap();
+    let store = FaultyStore::new(MemoryStore::new());
+    let build = || {
+        RefreshingTokenSource::builder(sim.profile(), sim.credentials())
+            .store(store.clone())
+            .initial_refresh_token(sim.issue_grant())
+            .build()
+            .unwrap()
+    };
+    let old = build().access_token().await.unwrap();
+
+    let source = build();
+    // The new source's first read of the store answers 500 ms late, with the old set.
+    store.fail_next(
+        StoreOp::Load,
+        StoreFault::HangAfter(Duration::from_millis(500)),
+    );
+    let reading = tokio::spawn({
+        let source = source.clone();
+        async move { source.access_token().await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    source.forget().await.unwrap();
+    let late = reading.await.unwrap();
+    assert!(
+        late.as_ref().map_or(true, |t| t.secret() != old.secret()),
+        "the old token was served after forget"
+    );
+    let after = source.access_token().await;
+    assert!(
+        matches!(
+            after,
+            Err(Error::ReauthorizationRequired {
+                reason: ReauthorizationReason::Revoked,
+                ..
+            })
+        ),
+        "{after:?}"
+    );
+    assert_eq!(sim.counters().reuse_attempts, 0);
+}
+
+/// Another holder's refresh in flight (its write-ahead record in the store): it may hold
+/// the successor of the stored token, which revoking the stored one would not revoke.
+/// `revoke` waits for it like a refresh does, and meanwhile calls nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoke_does_not_revoke_under_another_holders_rotation() {
+    let sim = Simulator::builder(Mode::Lucid).start().await.unwrap();
+    let store = MemoryStore::new();
+    let source = RefreshingTokenSource::builder(sim.profile(), sim.credentials())
+        .store(store.clone())
+        .initial_refresh_token(sim.issue_grant())
+        .build()
+        .unwrap();
+    source.access_token().await.unwrap();
+    let stored = store.get("default").unwrap();
+    let mut marked = stored.value.clone();
+    marked.rotation = Some(tokenkeeper::RotationInFlight::new(
+        "another-holder",
+        time::OffsetDateTime::now_utc(),
+    ));
+    let lease = store
+        .lease("default", Duration::from_secs(5))
+        .await
+        .unwrap();
+    let version = store
+        .save("default", &marked, Some(stored.version), &lease)
+        .await
+        .unwrap();
+    lease.release().await.unwrap();
+
+    let outcome = source.revoke().await;
+    assert!(
+        outcome.as_ref().is_err_and(Error::is_transient),
+        "{outcome:?}"
+    );
+    assert_eq!(sim.counters().revocations, 0, "nothing was revoked");
+    assert_eq!(
+        store.get("default").unwrap().version,
+        version,
+        "store untouched"
+    );
 }

@@ -213,9 +213,18 @@ impl ProviderProfile {
         Ok(())
     }
 
-    /// Whether the token URL names a loopback host (`localhost`, `127.0.0.0/8`, `::1`).
-    pub(crate) fn token_url_is_loopback(&self) -> bool {
-        is_loopback(&self.token_url)
+    /// Whether any endpoint this crate sends requests to is on a loopback host
+    /// (`localhost`, `127.0.0.0/8`, `::1`).
+    pub(crate) fn any_url_is_loopback(&self) -> bool {
+        [
+            Some(&self.token_url),
+            self.code_exchange_url.as_ref(),
+            self.device_authorization_url.as_ref(),
+            self.revocation_url.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .any(is_loopback)
     }
 
     /// Sets the token URL (the legacy Lucid URL, a test server...).

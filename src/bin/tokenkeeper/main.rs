@@ -449,6 +449,11 @@ async fn login(context: &Context, args: LoginArgs) -> Result<(), Failure> {
         consent.finish().await
     };
     let grant = grant.map_err(|e| client_hint(e.into(), &client))?;
+    // Whom the provider signed in: the person can tell a grant that is not theirs (a
+    // redirect forged where the server does not echo `state`, as HighQ's may not).
+    if let Some(who) = identity(grant.token_set()) {
+        eprintln!("The provider signed in {who}.");
+    }
     grant.save(&source).await?;
     source.flush().await;
     eprintln!(
@@ -457,6 +462,21 @@ async fn login(context: &Context, args: LoginArgs) -> Result<(), Failure> {
         location.key
     );
     record(&config, &client, &location)
+}
+
+/// The account a token response names, if any (HighQ's `useremail`, Lucid's `user_id` or
+/// `account_id`).
+fn identity(set: &TokenSet) -> Option<String> {
+    ["useremail", "email", "user_id", "account_id"]
+        .into_iter()
+        .find_map(|field| {
+            let value = set.extra.get(field)?;
+            let value = value
+                .as_str()
+                .map(str::to_owned)
+                .unwrap_or_else(|| value.to_string());
+            Some(format!("{field} {value}"))
+        })
 }
 
 /// Records the profile after `login` or `import`.
