@@ -48,6 +48,20 @@ impl Sandbox {
         self.dir.path().join("config").join("config.toml")
     }
 
+    /// Writes the config file with `text`, readable as `mode` says (Unix).
+    fn write_config(&self, text: &str, mode: u32) {
+        std::fs::create_dir_all(self.config().parent().unwrap()).unwrap();
+        std::fs::write(self.config(), text).unwrap();
+        #[cfg(unix)]
+        std::fs::set_permissions(
+            self.config(),
+            std::os::unix::fs::PermissionsExt::from_mode(mode),
+        )
+        .unwrap();
+        #[cfg(not(unix))]
+        let _ = mode;
+    }
+
     fn store(&self) -> PathBuf {
         self.dir.path().join("store")
     }
@@ -287,18 +301,7 @@ async fn login_generic_then_token_from_the_config_file_alone() {
     let sim = Simulator::builder(Mode::Generic).start().await.unwrap();
     let sandbox = Sandbox::new();
     // Another profile, and a client secret already in this one: both must be kept.
-    std::fs::create_dir_all(sandbox.config().parent().unwrap()).unwrap();
-    std::fs::write(
-        sandbox.config(),
-        "[profiles.other]\nprovider = \"lucid\"\nclient_id = \"someone-else\"\n\n[profiles.default]\nclient_secret = \"sim-secret\"\n",
-    )
-    .unwrap();
-    #[cfg(unix)]
-    std::fs::set_permissions(
-        sandbox.config(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )
-    .unwrap();
+    sandbox.write_config("[profiles.other]\nprovider = \"lucid\"\nclient_id = \"someone-else\"\n\n[profiles.default]\nclient_secret = \"sim-secret\"\n", 0o600);
 
     let mut args = vec!["login".to_owned(), "--no-browser".into()];
     args.extend(generic_flags(&sim, &sandbox));
@@ -748,18 +751,10 @@ async fn settings_take_flag_then_environment_then_file() {
 #[tokio::test(flavor = "multi_thread")]
 async fn configuration_errors_exit_78_and_say_what_is_missing() {
     let sandbox = Sandbox::new();
-    std::fs::create_dir_all(sandbox.config().parent().unwrap()).unwrap();
-    std::fs::write(
-        sandbox.config(),
+    sandbox.write_config(
         "[profiles.default]\nprovider = \"lucid\"\nclient_secret = \"file-secret\"\n",
-    )
-    .unwrap();
-    #[cfg(unix)]
-    std::fs::set_permissions(
-        sandbox.config(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o644),
-    )
-    .unwrap();
+        0o644,
+    );
     let output = sandbox.token().await;
     assert_exit(&output, 78);
     for name in ["--client-id", "TOKENKEEPER_CLIENT_ID", "client_id"] {

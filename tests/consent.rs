@@ -58,12 +58,30 @@ fn with_param(url: &Url, name: &str, value: &str) -> Url {
     changed
 }
 
+/// The consent failure an outcome ended with, if any.
+fn failure<T>(outcome: &Result<T, Error>) -> Option<&ConsentFailure> {
+    match outcome {
+        Err(Error::Consent { reason, .. }) => Some(reason),
+        _ => None,
+    }
+}
+
 /// The redirect's `state` with its last character changed: same length, one byte off.
 fn forged_state(redirect: &Url) -> String {
     let mut state = param(redirect, "state").expect("a state");
     let last = state.pop().unwrap();
     state.push(if last == 'A' { 'B' } else { 'A' });
     state
+}
+
+/// A loopback consent that gives up after `timeout`.
+async fn listening_for(sim: &Simulator, timeout: Duration) -> LoopbackConsent {
+    Consent::authorization_code(sim.profile(), sim.credentials())
+        .unwrap()
+        .timeout(timeout)
+        .listen()
+        .await
+        .unwrap()
 }
 
 async fn listening(sim: &Simulator) -> LoopbackConsent {
@@ -161,25 +179,15 @@ async fn a_state_mismatch_is_refused_without_exchanging_the_code() {
         .expect("the real redirect completes the consent");
     assert_eq!(sim.counters().code_exchanges, 1);
 
-    let consent = Consent::authorization_code(sim.profile(), sim.credentials())
-        .unwrap()
-        .timeout(Duration::from_millis(800))
-        .listen()
-        .await
-        .unwrap();
+    let consent = listening_for(&sim, Duration::from_millis(800)).await;
     let redirect = redirect_of(consent.url()).await;
     let finish = finishing(consent);
     let forged = with_param(&redirect, "state", &forged_state(&redirect));
     assert_eq!(browser().get(forged).send().await.unwrap().status(), 400);
     let outcome = finish.await.unwrap();
-    assert!(
-        matches!(
-            outcome,
-            Err(Error::Consent {
-                reason: ConsentFailure::StateMismatch,
-                ..
-            })
-        ),
+    assert_eq!(
+        failure(&outcome),
+        Some(&ConsentFailure::StateMismatch),
         "{outcome:?}"
     );
     assert_eq!(
@@ -193,12 +201,7 @@ async fn a_state_mismatch_is_refused_without_exchanging_the_code() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_state_is_refused_where_the_server_echoes_it() {
     let sim = Simulator::builder(Mode::Generic).start().await.unwrap();
-    let consent = Consent::authorization_code(sim.profile(), sim.credentials())
-        .unwrap()
-        .timeout(Duration::from_millis(800))
-        .listen()
-        .await
-        .unwrap();
+    let consent = listening_for(&sim, Duration::from_millis(800)).await;
     let redirect = redirect_of(consent.url()).await;
     let finish = finishing(consent);
     let mut stripped = redirect.clone();
@@ -210,14 +213,9 @@ async fn a_missing_state_is_refused_where_the_server_echoes_it() {
     stripped.query_pairs_mut().clear().extend_pairs(pairs);
     assert_eq!(browser().get(stripped).send().await.unwrap().status(), 400);
     let outcome = finish.await.unwrap();
-    assert!(
-        matches!(
-            outcome,
-            Err(Error::Consent {
-                reason: ConsentFailure::StateMissing,
-                ..
-            })
-        ),
+    assert_eq!(
+        failure(&outcome),
+        Some(&ConsentFailure::StateMissing),
         "{outcome:?}"
     );
     assert_eq!(sim.counters().code_exchanges, 0);
@@ -331,21 +329,11 @@ async fn only_one_callback_on_the_callback_path_is_answered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_abandoned_consent_times_out() {
     let sim = Simulator::builder(Mode::Generic).start().await.unwrap();
-    let consent = Consent::authorization_code(sim.profile(), sim.credentials())
-        .unwrap()
-        .timeout(Duration::from_millis(300))
-        .listen()
-        .await
-        .unwrap();
+    let consent = listening_for(&sim, Duration::from_millis(300)).await;
     let outcome = consent.finish().await;
-    assert!(
-        matches!(
-            outcome,
-            Err(Error::Consent {
-                reason: ConsentFailure::TimedOut,
-                ..
-            })
-        ),
+    assert_eq!(
+        failure(&outcome),
+        Some(&ConsentFailure::TimedOut),
         "{outcome:?}"
     );
     assert_eq!(sim.counters().code_exchanges, 0);
@@ -365,14 +353,9 @@ async fn a_declined_consent_is_denied() {
     let page = browser().get(url).send().await.unwrap();
     assert_eq!(page.status(), 400);
     let outcome = finish.await.unwrap();
-    assert!(
-        matches!(
-            outcome,
-            Err(Error::Consent {
-                reason: ConsentFailure::Denied,
-                ..
-            })
-        ),
+    assert_eq!(
+        failure(&outcome),
+        Some(&ConsentFailure::Denied),
         "{outcome:?}"
     );
     assert_eq!(sim.counters().code_exchanges, 0);
@@ -401,13 +384,7 @@ async fn a_fixed_port_range_names_the_port_bound() {
         .listen()
         .await;
     assert!(
-        matches!(
-            only_taken,
-            Err(Error::Consent {
-                reason: ConsentFailure::Listener(_),
-                ..
-            })
-        ),
+        matches!(failure(&only_taken), Some(ConsentFailure::Listener(_))),
         "{only_taken:?}"
     );
 }
@@ -449,14 +426,9 @@ async fn paste_accepts_the_redirect_url_or_the_bare_code() {
     let redirect = redirect_of(paste.url()).await;
     let forged = with_param(&redirect, "state", &forged_state(&redirect));
     let outcome = paste.finish(forged.as_str()).await;
-    assert!(
-        matches!(
-            outcome,
-            Err(Error::Consent {
-                reason: ConsentFailure::StateMismatch,
-                ..
-            })
-        ),
+    assert_eq!(
+        failure(&outcome),
+        Some(&ConsentFailure::StateMismatch),
         "{outcome:?}"
     );
     let paste = Consent::authorization_code(sim.profile(), sim.credentials())
@@ -467,13 +439,7 @@ async fn paste_accepts_the_redirect_url_or_the_bare_code() {
         .finish("https://evil.example/redirect?code=x&state=y")
         .await;
     assert!(
-        matches!(
-            outcome,
-            Err(Error::Consent {
-                reason: ConsentFailure::UnusableInput(_),
-                ..
-            })
-        ),
+        matches!(failure(&outcome), Some(ConsentFailure::UnusableInput(_))),
         "{outcome:?}"
     );
     assert_eq!(
@@ -501,14 +467,9 @@ async fn a_used_code_is_rejected() {
         .paste()
         .unwrap();
     let outcome = again.finish(&code).await;
-    assert!(
-        matches!(
-            outcome,
-            Err(Error::Consent {
-                reason: ConsentFailure::CodeRejected,
-                ..
-            })
-        ),
+    assert_eq!(
+        failure(&outcome),
+        Some(&ConsentFailure::CodeRejected),
         "{outcome:?}"
     );
     let text = outcome.unwrap_err().to_string();
@@ -566,14 +527,9 @@ async fn device_grant_expires_or_is_denied() {
         .await
         .unwrap();
     let outcome = device.finish().await;
-    assert!(
-        matches!(
-            outcome,
-            Err(Error::Consent {
-                reason: ConsentFailure::DeviceCodeExpired,
-                ..
-            })
-        ),
+    assert_eq!(
+        failure(&outcome),
+        Some(&ConsentFailure::DeviceCodeExpired),
         "{outcome:?}"
     );
 
@@ -584,14 +540,9 @@ async fn device_grant_expires_or_is_denied() {
         .unwrap();
     assert!(sim.deny_device(device.user_code()));
     let outcome = device.finish().await;
-    assert!(
-        matches!(
-            outcome,
-            Err(Error::Consent {
-                reason: ConsentFailure::Denied,
-                ..
-            })
-        ),
+    assert_eq!(
+        failure(&outcome),
+        Some(&ConsentFailure::Denied),
         "{outcome:?}"
     );
 }
