@@ -177,3 +177,96 @@ fn store_fault_paths_log_no_token_or_secret() {
         assert!(!log.contains(secret), "a secret was logged:\n{log}");
     }
 }
+
+/// Consent logs what it does (a refused redirect, a state-less one accepted, a revoked
+/// grant) but never a code, a `state`, a token or the client secret.
+#[cfg(feature = "consent")]
+#[test]
+fn consent_paths_log_no_code_state_or_token() {
+    use tokenkeeper::consent::Consent;
+    let captured = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(captured.clone())
+        .with_ansi(false)
+        .finish();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut secrets = vec!["sim-secret".to_owned()];
+    tracing::subscriber::with_default(subscriber, || {
+        runtime.block_on(async {
+            let browser = reqwest::Client::builder()
+                .no_proxy()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap();
+            for mode in [Mode::Autodesk, Mode::HighQ] {
+                let sim = Simulator::builder(mode)
+                    .echo_state(mode != Mode::HighQ)
+                    .start()
+                    .await
+                    .unwrap();
+                let consent = Consent::authorization_code(sim.profile(), sim.credentials())
+                    .unwrap()
+                    .listen()
+                    .await
+                    .unwrap();
+                let url = consent.url().clone();
+                let state = url
+                    .query_pairs()
+                    .find(|(k, _)| k == "state")
+                    .map(|(_, v)| v.into_owned())
+                    .unwrap();
+                secrets.push(state.clone());
+                let finish = tokio::spawn(consent.finish());
+                let answer = browser.get(url).send().await.unwrap();
+                let redirect = Url::parse(answer.headers()["location"].to_str().unwrap()).unwrap();
+                let code = redirect
+                    .query_pairs()
+                    .find(|(k, _)| k == "code")
+                    .map(|(_, v)| v.into_owned())
+                    .unwrap();
+                secrets.push(code);
+                // A forged redirect first (refused, logged), then the real one.
+                let mut forged = redirect.clone();
+                let pairs: Vec<(String, String)> = redirect
+                    .query_pairs()
+                    .filter(|(k, _)| k != "state")
+                    .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                    .collect();
+                forged
+                    .query_pairs_mut()
+                    .clear()
+                    .extend_pairs(pairs)
+                    .append_pair("state", "forged-state-value");
+                let _ = browser.get(forged).send().await;
+                let _ = browser.get(redirect).send().await;
+                let grant = finish.await.unwrap().unwrap();
+                let set = grant.token_set();
+                secrets.push(set.access_token.as_ref().unwrap().secret().to_owned());
+                secrets.push(set.refresh_token.as_ref().unwrap().secret().to_owned());
+                let source = grant
+                    .into_source(RefreshingTokenSource::builder(
+                        sim.profile(),
+                        sim.credentials(),
+                    ))
+                    .await
+                    .unwrap();
+                source.revoke().await.unwrap();
+            }
+        });
+    });
+    let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        log.contains("refused a redirect") && log.contains("carries no state"),
+        "the flows above log what they do:\n{log}"
+    );
+    for secret in &secrets {
+        assert!(
+            !log.contains(secret.as_str()),
+            "a secret was logged:\n{log}"
+        );
+    }
+}
