@@ -172,6 +172,7 @@ impl Error {
         }
     }
 
+    #[cfg_attr(not(feature = "consent"), allow(dead_code))]
     pub(crate) fn consent(reason: ConsentFailure) -> Self {
         Error::Consent {
             reason,

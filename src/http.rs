@@ -25,6 +25,7 @@ pub(crate) struct TokenEndpoint {
 
 /// What a token request asks for: the grant it presents.
 #[derive(Clone, Copy)]
+#[cfg_attr(not(feature = "consent"), allow(dead_code))]
 pub(crate) enum GrantRequest<'a> {
     /// `grant_type=refresh_token`, at the token URL, with the profile's refresh scope.
     Refresh(&'a RefreshToken),
@@ -90,6 +91,7 @@ impl TokenEndpoint {
         &self.profile
     }
 
+    #[cfg_attr(not(feature = "consent"), allow(dead_code))]
     pub(crate) fn credentials(&self) -> &ClientCredentials {
         &self.credentials
     }
@@ -186,6 +188,7 @@ impl TokenEndpoint {
     }
 
     /// Asks the device authorization endpoint (RFC 8628 3.1) for a device code.
+    #[cfg_attr(not(feature = "consent"), allow(dead_code))]
     pub(crate) async fn device_authorization(
         &self,
         scope: Option<&str>,
@@ -205,6 +208,7 @@ impl TokenEndpoint {
 
     /// Classifies an answer that is not a success, for callers outside the token grant
     /// (the device authorization endpoint).
+    #[cfg_attr(not(feature = "consent"), allow(dead_code))]
     pub(crate) fn classify_failure(
         &self,
         status: StatusCode,
