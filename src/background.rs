@@ -3,8 +3,9 @@
 use std::sync::{Arc, Weak};
 use std::time::Duration as StdDuration;
 
+use crate::engine::{Engine, Reason};
 use crate::error::Error;
-use crate::refresh::{Inner, Reason, RefreshingTokenSource};
+use crate::refresh::RefreshingTokenSource;
 
 /// A running background task of a source. It ends by itself when the source (every
 /// clone) is dropped; [`BackgroundTask::stop`] ends it earlier. Dropping the handle
@@ -81,7 +82,7 @@ impl RefreshingTokenSource {
     }
 }
 
-async fn run(weak: Weak<Inner>, duty: Duty, jitter: f64) {
+async fn run(weak: Weak<Engine>, duty: Duty, jitter: f64) {
     loop {
         let Some(inner) = weak.upgrade() else {
             return;

@@ -67,6 +67,7 @@ mod background;
 mod clock;
 #[cfg(feature = "consent")]
 pub mod consent;
+mod engine;
 mod error;
 mod http;
 mod lease;

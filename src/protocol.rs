@@ -18,7 +18,7 @@
 //! 5. Present the refresh token, if the lease outlasts the request.
 //! 6. On success: keep the rotated set in memory first, save it (compare-and-swap over
 //!    the write-ahead version), publish it. If the save fails, publish anyway, and keep
-//!    the key locked while retrying the save ([`Inner::persist`]).
+//!    the key locked while retrying the save ([`Engine::persist`]).
 //! 7. On `invalid_grant`: reload; adopt or retry once with a token another writer
 //!    rotated; otherwise mark the set rejected: a person must re-authorize.
 //! 8. On any other failure: no successor exists anywhere, so remove the write-ahead
@@ -29,11 +29,11 @@ use std::time::Duration as StdDuration;
 
 use time::{Duration, OffsetDateTime};
 
+use crate::engine::{Engine, Job, Outcome, Reason, Unsaved};
 use crate::error::{Error, ReauthorizationReason, TransientKind};
 use crate::http::RefreshFailure;
 use crate::lease::HeldLease;
 use crate::provider::{ProviderProfile, TokenResponse};
-use crate::refresh::{Inner, Job, Outcome, Reason, Unsaved, keep_alive_at};
 use crate::retry::store_step;
 use crate::secret::{AccessToken, RefreshToken};
 use crate::store::{StoreError, Versioned};
@@ -106,9 +106,9 @@ fn reconcile(
     }
 }
 
-impl Inner {
+impl Engine {
     /// Runs one flight's job. Returns the outcome for the waiters and, when a rotated set
-    /// is left unsaved, the lease still held for [`Inner::persist`].
+    /// is left unsaved, the lease still held for [`Engine::persist`].
     pub(crate) async fn run(self: &std::sync::Arc<Self>, job: Job) -> (Outcome, Option<HeldLease>) {
         match job {
             Job::Look { fallback } => match self.look(fallback).await {
@@ -244,7 +244,7 @@ impl Inner {
                         self.state().lease_tasks += 1;
                         let inner = std::sync::Arc::clone(self);
                         tokio::spawn(async move {
-                            let _done = crate::refresh::LeaseTaskDone(inner);
+                            let _done = crate::engine::LeaseTaskDone(inner);
                             if let Ok(Ok(held)) = acquiring.await {
                                 held.release().await;
                             }
@@ -271,7 +271,7 @@ impl Inner {
         // A revoke or an import replaced the grant since this flight started: it must
         // not present the new grant's token on the old one's behalf (it could neither
         // publish nor keep the answer). The caller's next call starts a new flight.
-        if crate::refresh::flight_is_stale(&self.state()) {
+        if crate::engine::flight_is_stale(&self.state()) {
             return Err(Error::transient(TransientKind::Interrupted, None));
         }
         // Step 2.
@@ -510,7 +510,7 @@ impl Inner {
         }
         state.unsaved = None;
         state.last_known = Some(revoked);
-        state.dead = Some(crate::refresh::Dead {
+        state.dead = Some(crate::engine::Dead {
             error: error.clone(),
             refresh_token: None,
             checked_at: self.now(),
@@ -654,7 +654,7 @@ impl Inner {
                     state.consumed.pop_front();
                 }
             }
-            if crate::refresh::flight_is_stale(&state) {
+            if crate::engine::flight_is_stale(&state) {
                 // A revoke or an import replaced the grant after this flight started
                 // (its lease was lost meanwhile): its successor belongs to the old grant.
                 tracing::warn!(key = %self.key, "the grant was revoked or replaced during this refresh; dropping its answer");
@@ -727,7 +727,7 @@ impl Inner {
         }
     }
 
-    /// One attempt of [`Inner::persist`]: (re)take the lease if needed, read, settle.
+    /// One attempt of [`Engine::persist`]: (re)take the lease if needed, read, settle.
     async fn persist_once(
         &self,
         held: &mut Option<HeldLease>,
@@ -832,7 +832,7 @@ impl Inner {
             return None;
         }
         let now = self.clock.now();
-        let keep_alive_due = keep_alive_at(set).is_some_and(|at| now >= at);
+        let keep_alive_due = set.keep_alive_at().is_some_and(|at| now >= at);
         if set.freshness(now, self.leeway) != Freshness::Fresh
             || (reason == Reason::KeepAlive && keep_alive_due)
         {

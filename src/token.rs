@@ -81,6 +81,9 @@ impl RotationInFlight {
     }
 }
 
+/// A refresh token is rotated by keep-alive once this share of its lifetime is left.
+const KEEP_ALIVE_SHARE: i32 = 5;
+
 impl TokenSet {
     /// A token set holding only a refresh token, as imported after a one-time consent.
     pub fn from_refresh_token(refresh_token: RefreshToken, now: OffsetDateTime) -> Self {
@@ -113,6 +116,18 @@ impl TokenSet {
             extra: serde_json::Map::new(),
             rotation: None,
         }
+    }
+
+    /// When the refresh token should be rotated to keep the grant alive: once a fifth of
+    /// its lifetime is left (counted from `obtained_at`). `None` when its expiry is
+    /// unknown, or the set holds no live refresh token (none, rejected, revoked).
+    pub fn keep_alive_at(&self) -> Option<OffsetDateTime> {
+        if self.refresh_token.is_none() || self.rejected_at.is_some() || self.revoked_at.is_some() {
+            return None;
+        }
+        let expires = self.refresh_expires_at?;
+        let lifetime = (expires - self.obtained_at).max(Duration::ZERO);
+        expires.checked_sub(lifetime / KEEP_ALIVE_SHARE)
     }
 
     /// The instant from which the access token is [`Freshness::Stale`], with `leeway`

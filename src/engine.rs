@@ -1,0 +1,557 @@
+//! The grant engine: one grant's state, its published token, and the single flight that
+//! drives the refresh protocol of [`crate::protocol`]. [`crate::RefreshingTokenSource`]
+//! (one grant) and [`crate::TokenManager`] (many) are two ways of driving it.
+//!
+//! Everything but the hot path runs in one spawned task per grant at a time (the
+//! *flight*), never in a caller's future, so that a cancelled caller cannot lose a
+//! rotated refresh token; every waiter shares its outcome. Before a flight starts,
+//! [`Engine::gate`] decides what it may do: refresh, only look at the store (during a
+//! provider backoff, or for a grant known to be dead), or nothing (answer the backoff or
+//! the dead grant's error at once).
+
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration as StdDuration;
+
+use arc_swap::ArcSwapOption;
+use futures_util::future::{BoxFuture, FutureExt, Shared};
+use time::{Duration, OffsetDateTime};
+use tokio::time::Instant;
+
+use crate::clock::Clock;
+use crate::error::{Error, TransientKind};
+use crate::http::TokenEndpoint;
+use crate::lease::{HeldLease, bounded};
+use crate::retry::{Backoff, StoreSpacing};
+use crate::secret::{AccessToken, RefreshToken};
+use crate::status::Metrics;
+use crate::store::TokenStore;
+use crate::token::{Freshness, RotationInFlight, TokenSet};
+
+/// The published access token, with its expiry precomputed for the hot path.
+pub(crate) struct Cached {
+    pub(crate) token: AccessToken,
+    /// Until when the token is fresh, on the clock's monotonic reading (its stale point,
+    /// counted from publication; far away when the expiry is unknown): the hot path's
+    /// one comparison, without a wall-clock read.
+    fresh_until: Instant,
+    pub(crate) stale_at: Option<OffsetDateTime>,
+    pub(crate) expires_at: Option<OffsetDateTime>,
+    /// When the refresh token should be rotated even if nobody asks for a token.
+    pub(crate) keep_alive_at: Option<OffsetDateTime>,
+    pub(crate) refresh_expires_at: Option<OffsetDateTime>,
+}
+
+impl Cached {
+    #[inline]
+    pub(crate) fn freshness(&self, now: OffsetDateTime) -> Freshness {
+        match (self.stale_at, self.expires_at) {
+            (_, Some(expires_at)) if now >= expires_at => Freshness::Expired,
+            (Some(stale_at), _) if now >= stale_at => Freshness::Stale,
+            _ => Freshness::Fresh,
+        }
+    }
+}
+
+pub(crate) type Outcome = Result<AccessToken, Error>;
+
+/// Why a refresh runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Reason {
+    /// The access token is stale, expired, missing or rejected.
+    AccessToken,
+    /// The refresh token nears its own expiry: rotate it even if the access token is fresh.
+    KeepAlive,
+}
+
+/// What a flight does.
+#[derive(Debug)]
+pub(crate) enum Job {
+    /// Adopt a fresh stored set, or refresh under the lease.
+    Refresh(Reason),
+    /// Only read the store (no lease, no request): adopt a fresh set another process
+    /// saved, or pick up a re-imported grant; otherwise answer `fallback`.
+    Look {
+        /// The backoff's or the dead grant's error.
+        fallback: Error,
+    },
+}
+
+type Flight = Shared<BoxFuture<'static, Outcome>>;
+
+/// The one flight in progress, numbered so that only its own task clears it.
+#[derive(Default)]
+struct FlightSlot {
+    current: Option<(u64, Flight)>,
+    serial: u64,
+}
+
+/// Timeouts and intervals, fixed at build.
+#[derive(Debug)]
+pub(crate) struct Timing {
+    pub(crate) lease_ttl: StdDuration,
+    pub(crate) store_timeout: StdDuration,
+    pub(crate) takeover_after: StdDuration,
+    pub(crate) forced_refresh_interval: StdDuration,
+}
+
+/// One grant: its store key, its published token, its state and its flight.
+pub(crate) struct Engine {
+    /// Shared by every grant of one provider and client (a manager's grants).
+    pub(crate) endpoint: Arc<TokenEndpoint>,
+    pub(crate) store: Arc<dyn TokenStore>,
+    pub(crate) key: String,
+    /// Marks this source's write-ahead records in the store.
+    pub(crate) id: String,
+    pub(crate) initial_refresh_token: Option<RefreshToken>,
+    pub(crate) leeway: Duration,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) timing: Timing,
+    /// The published access token: the hot path reads only this.
+    pub(crate) cache: ArcSwapOption<Cached>,
+    flight: Mutex<FlightSlot>,
+    state: Mutex<State>,
+}
+
+impl Engine {
+    pub(crate) fn new(
+        endpoint: Arc<TokenEndpoint>,
+        store: Arc<dyn TokenStore>,
+        key: String,
+        initial_refresh_token: Option<RefreshToken>,
+        leeway: Duration,
+        clock: Arc<dyn Clock>,
+        timing: Timing,
+    ) -> Self {
+        Self {
+            endpoint,
+            store,
+            key,
+            id: format!("{:032x}", fastrand::u128(..)),
+            initial_refresh_token,
+            leeway,
+            clock,
+            timing,
+            cache: ArcSwapOption::empty(),
+            flight: Mutex::new(FlightSlot::default()),
+            state: Mutex::new(State::default()),
+        }
+    }
+}
+
+/// A rotated token set whose save has not (knowingly) succeeded: the newest refresh token
+/// may exist only here.
+#[derive(Clone, Debug)]
+pub(crate) struct Unsaved {
+    pub(crate) set: TokenSet,
+    /// The stored version its save expected: it may only be written over that version.
+    pub(crate) expected: Option<u64>,
+}
+
+/// A grant found dead: answered at once, and the store re-checked now and then.
+#[derive(Clone, Debug)]
+pub(crate) struct Dead {
+    pub(crate) error: Error,
+    /// The refresh token found dead, if any: the same token stored again is no re-import.
+    pub(crate) refresh_token: Option<RefreshToken>,
+    pub(crate) checked_at: Instant,
+}
+
+#[derive(Default)]
+pub(crate) struct State {
+    /// What happened so far, for [`RefreshingTokenSource::status`].
+    pub(crate) metrics: Metrics,
+    pub(crate) last_refresh: Option<OffsetDateTime>,
+    pub(crate) last_error: Option<Error>,
+    /// Spacing of attempts after provider failures.
+    pub(crate) backoff: Backoff,
+    /// Spacing of attempts after store failures.
+    pub(crate) store_spacing: StoreSpacing,
+    /// A rotated set not yet saved.
+    pub(crate) unsaved: Option<Unsaved>,
+    /// True while a task retries saving `unsaved` (it holds, or re-takes, the lease).
+    pub(crate) persisting: bool,
+    /// Tasks still giving back a lease this source no longer needs (see
+    /// [`RefreshingTokenSource::flush`]).
+    pub(crate) lease_tasks: usize,
+    /// Bumped, under the lease, when a revoke or an import replaces the grant: a flight
+    /// started under an older epoch (its store reads or its answer arriving late)
+    /// publishes nothing and keeps no rotated set.
+    pub(crate) epoch: u64,
+    /// An access token the API rejected (see [`RefreshingTokenSource::invalidate`]).
+    pub(crate) rejected_access: Option<AccessToken>,
+    /// When a refresh forced by a rejection was last sent.
+    pub(crate) last_forced_refresh: Option<Instant>,
+    /// The grant is dead until the store shows a new one.
+    pub(crate) dead: Option<Dead>,
+    /// The newest set this source has seen stored or saved: evidence that the key existed,
+    /// and what to restore if the store loses it.
+    pub(crate) last_known: Option<TokenSet>,
+    /// When the store was last read without the lease.
+    pub(crate) last_look: Option<Instant>,
+    /// Another holder's write-ahead record (the whole record: each presentation writes a
+    /// new one), and when this source first saw it.
+    pub(crate) foreign_rotation: Option<(RotationInFlight, Instant)>,
+    /// The refresh tokens this source presented and saw rotated (the newest few): a store
+    /// that hands one back has lost acknowledged writes, and it is never presented again.
+    pub(crate) consumed: std::collections::VecDeque<RefreshToken>,
+}
+
+/// How often a grant known to be dead is looked up again (a re-import by another process).
+pub(crate) const DEAD_RECHECK: StdDuration = StdDuration::from_secs(10);
+/// How often a caller with an expired token may make the source read the store while it
+/// backs off from the provider.
+pub(crate) const LOOK_INTERVAL: StdDuration = StdDuration::from_secs(1);
+
+/// What a new flight may do.
+enum Gate {
+    Go,
+    Look(Error),
+    Refuse(Error),
+}
+
+impl Engine {
+    pub(crate) fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn flight(&self) -> MutexGuard<'_, FlightSlot> {
+        self.flight.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn now(&self) -> Instant {
+        self.clock.monotonic()
+    }
+
+    /// Takes the store lease for this key, bounded by the timeouts.
+    pub(crate) async fn acquire(&self) -> Result<HeldLease, Error> {
+        HeldLease::acquire(
+            &self.store,
+            &self.key,
+            self.timing.lease_ttl,
+            self.timing.store_timeout,
+        )
+        .await
+        .map_err(crate::lease::lease_error)
+    }
+
+    /// One store call without the lease, bounded by the store timeout.
+    pub(crate) async fn unleased<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, crate::store::StoreError>>,
+    ) -> Result<T, Error> {
+        bounded(self.timing.store_timeout, call)
+            .await
+            .map_err(Error::Storage)
+    }
+
+    /// What a flight started now may do.
+    fn gate(&self, reason: Reason) -> Gate {
+        let now = self.now();
+        let state = self.state();
+        if let Some(dead) = &state.dead {
+            return if now.saturating_duration_since(dead.checked_at) < DEAD_RECHECK {
+                Gate::Refuse(dead.error.clone())
+            } else {
+                Gate::Look(dead.error.clone())
+            };
+        }
+        if state.persisting {
+            return Gate::Refuse(state.store_spacing.too_early(now).unwrap_or_else(|| {
+                Error::transient(TransientKind::LeaseBusy, Some(StdDuration::from_secs(1)))
+            }));
+        }
+        if let Some(e) = state.store_spacing.too_early(now) {
+            return Gate::Refuse(e);
+        }
+        if let Some(e) = state.backoff.too_early(now) {
+            let looked_recently = state
+                .last_look
+                .is_some_and(|at| now.saturating_duration_since(at) < LOOK_INTERVAL);
+            return if reason == Reason::AccessToken && !looked_recently {
+                Gate::Look(e)
+            } else {
+                Gate::Refuse(e)
+            };
+        }
+        Gate::Go
+    }
+
+    /// Stale token: start one detached refresh unless one runs or attempts are spaced.
+    /// A token valid now, refreshing first if needed. The hot path: one lock-free load,
+    /// one monotonic clock read, one comparison and one reference-count increment; a
+    /// stale token is served while one detached refresh runs.
+    #[inline]
+    pub(crate) async fn access_token(self: &Arc<Self>) -> Outcome {
+        if let Some(cached) = &*self.cache.load() {
+            if self.clock.monotonic() < cached.fresh_until {
+                return Ok(cached.token.clone());
+            }
+            match cached.freshness(self.clock.now()) {
+                Freshness::Fresh => return Ok(cached.token.clone()),
+                Freshness::Stale => {
+                    self.start_refresh();
+                    return Ok(cached.token.clone());
+                }
+                Freshness::Expired => {}
+            }
+        }
+        self.wait_for_token().await
+    }
+
+    /// The monotonic instant at which the wall-clock instant `at` arrives, by the clock's
+    /// readings now; far away for `None`, now for an instant already past.
+    fn monotonic_deadline(&self, at: Option<OffsetDateTime>) -> Instant {
+        let now = self.clock.monotonic();
+        let far = StdDuration::from_secs(100 * 365 * 24 * 3600);
+        let left = match at {
+            None => far,
+            Some(at) => StdDuration::try_from(at - self.clock.now()).unwrap_or(StdDuration::ZERO),
+        };
+        now.checked_add(left.min(far)).unwrap_or(now)
+    }
+
+    fn start_refresh(self: &Arc<Self>) {
+        let mut slot = self.flight();
+        if slot.current.is_none()
+            && let Gate::Go = self.gate(Reason::AccessToken)
+        {
+            let _started = self.spawn_job(&mut slot, Job::Refresh(Reason::AccessToken));
+        }
+    }
+
+    /// Expired or missing token: join the flight, or start one.
+    async fn wait_for_token(self: &Arc<Self>) -> Outcome {
+        let flight = {
+            let mut slot = self.flight();
+            // Re-check under the gate: a flight may have just published.
+            if let Some(cached) = &*self.cache.load()
+                && cached.freshness(self.clock.now()) != Freshness::Expired
+            {
+                return Ok(cached.token.clone());
+            }
+            match &slot.current {
+                Some((_, running)) => running.clone(),
+                None => match self.gate(Reason::AccessToken) {
+                    Gate::Go => self.spawn_job(&mut slot, Job::Refresh(Reason::AccessToken)),
+                    Gate::Look(fallback) => self.spawn_job(&mut slot, Job::Look { fallback }),
+                    Gate::Refuse(e) => return self.or_valid_token(e),
+                },
+            }
+        };
+        flight.await.or_else(|e| self.or_valid_token(e))
+    }
+
+    /// A token that is still valid serves callers while attempts fail for a while.
+    fn or_valid_token(&self, e: Error) -> Outcome {
+        if e.needs_reauthorization() {
+            return Err(e);
+        }
+        match &*self.cache.load() {
+            Some(cached) if cached.freshness(self.clock.now()) != Freshness::Expired => {
+                Ok(cached.token.clone())
+            }
+            _ => Err(e),
+        }
+    }
+
+    /// Joins the flight or starts one, whatever the cache holds (background refresher,
+    /// keep-alive). Respects the gate.
+    pub(crate) async fn refresh_now(self: &Arc<Self>, reason: Reason) -> Outcome {
+        let flight = {
+            let mut slot = self.flight();
+            match &slot.current {
+                Some((_, running)) => running.clone(),
+                None => match self.gate(reason) {
+                    Gate::Go => self.spawn_job(&mut slot, Job::Refresh(reason)),
+                    Gate::Look(fallback) => self.spawn_job(&mut slot, Job::Look { fallback }),
+                    Gate::Refuse(e) => return Err(e),
+                },
+            }
+        };
+        flight.await
+    }
+
+    /// Spawns a flight. The caller holds the flight slot.
+    fn spawn_job(self: &Arc<Self>, slot: &mut FlightSlot, job: Job) -> Flight {
+        slot.serial = slot.serial.wrapping_add(1);
+        let serial = slot.serial;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let inner = Arc::clone(self);
+        let epoch = self.state().epoch;
+        tokio::spawn(FLIGHT_EPOCH.scope(epoch, async move {
+            // Clears the slot whatever happens to this task (a panic, an abort).
+            let _clear = ClearFlight {
+                inner: Arc::clone(&inner),
+                serial,
+            };
+            inner.fly(job, serial, tx).await;
+        }));
+        let flight = async move {
+            rx.await
+                .unwrap_or_else(|_| Err(Error::transient(TransientKind::Interrupted, None)))
+        }
+        .boxed()
+        .shared();
+        slot.current = Some((serial, flight.clone()));
+        flight
+    }
+
+    /// The flight's task: runs the job (a panic anywhere in it becomes an error), settles
+    /// the state, clears the slot, answers the waiters, and then, if a rotated set is
+    /// still unsaved, keeps the key locked and retries the save.
+    async fn fly(
+        self: &Arc<Self>,
+        job: Job,
+        serial: u64,
+        tx: tokio::sync::oneshot::Sender<Outcome>,
+    ) {
+        let (outcome, held) = match AssertUnwindSafe(self.run(job)).catch_unwind().await {
+            Ok(done) => done,
+            Err(panic) => (Err(panicked(panic.as_ref())), None),
+        };
+        let outcome = self.settle(outcome);
+        let persist = {
+            let mut state = self.state();
+            let persist = state.unsaved.is_some() && !state.persisting;
+            state.persisting |= persist;
+            persist
+        };
+        // Cleared before waiters see the outcome: a caller that finds no flight also
+        // finds the published token, the backoff, or the persisting save.
+        self.clear_flight(serial);
+        let _ = tx.send(outcome);
+        if persist {
+            // Resets `persisting` however this task ends (a runtime shutting down drops it).
+            let _persisting = Persisting(Arc::clone(self));
+            if AssertUnwindSafe(self.persist(held))
+                .catch_unwind()
+                .await
+                .is_err()
+            {
+                tracing::error!(key = %self.key, "the task saving a rotated token set panicked; the next refresh retries the save");
+            }
+        } else if let Some(held) = held {
+            held.release().await;
+        }
+    }
+
+    fn clear_flight(&self, serial: u64) {
+        let mut slot = self.flight();
+        if slot.current.as_ref().is_some_and(|(s, _)| *s == serial) {
+            slot.current = None;
+        }
+    }
+
+    /// Records a flight's outcome: counters, the last error, the spacing of the next
+    /// attempt (the provider's backoff was already set where the provider failed), a dead
+    /// grant. Fills in `retry_after` for waiters.
+    fn settle(&self, mut outcome: Outcome) -> Outcome {
+        let now = self.now();
+        let mut state = self.state();
+        match &mut outcome {
+            Ok(_) => {
+                state.store_spacing.succeeded();
+            }
+            Err(e) => {
+                state.metrics.count_failure(e);
+                state.last_error = Some(e.clone());
+                if e.needs_reauthorization() {
+                    let refresh_token = state
+                        .last_known
+                        .as_ref()
+                        .and_then(|s| s.refresh_token.clone());
+                    state.dead = Some(Dead {
+                        error: e.clone(),
+                        refresh_token,
+                        checked_at: now,
+                    });
+                } else if crate::retry::is_store_side(e) {
+                    state.metrics.store_failures += 1;
+                    let wait = state.store_spacing.failed(now, e);
+                    if let Error::Transient { retry_after, .. } = e {
+                        *retry_after = Some(retry_after.map_or(wait, |r| r.max(wait)));
+                    }
+                } else if let Error::Transient { retry_after, .. } = e {
+                    *retry_after = state.backoff.wait(now).or(*retry_after);
+                }
+            }
+        }
+        outcome
+    }
+
+    /// Publishes a token set's access token to the hot path.
+    pub(crate) fn publish(&self, set: &TokenSet) -> Option<AccessToken> {
+        if flight_is_stale(&self.state()) {
+            return None;
+        }
+        let token = set.access_token.clone()?;
+        let stale_at = set.stale_at(self.leeway);
+        self.cache.store(Some(Arc::new(Cached {
+            token: token.clone(),
+            fresh_until: self.monotonic_deadline(stale_at),
+            stale_at,
+            expires_at: set.expires_at,
+            keep_alive_at: set.keep_alive_at(),
+            refresh_expires_at: set.refresh_expires_at,
+        })));
+        Some(token)
+    }
+
+    /// Whether a refresh forced by a rejected token may be sent now.
+    pub(crate) fn forced_refresh_allowed(&self, state: &State) -> bool {
+        state.last_forced_refresh.is_none_or(|at| {
+            self.now().saturating_duration_since(at) >= self.timing.forced_refresh_interval
+        })
+    }
+}
+
+tokio::task_local! {
+    /// The grant epoch ([`State::epoch`]) a flight's task started under.
+    static FLIGHT_EPOCH: u64;
+}
+
+/// True inside a flight's task started before the latest revoke or import.
+pub(crate) fn flight_is_stale(state: &State) -> bool {
+    FLIGHT_EPOCH
+        .try_with(|epoch| *epoch != state.epoch)
+        .unwrap_or(false)
+}
+
+/// Counts down [`State::lease_tasks`] when a lease-returning task ends, however it ends.
+pub(crate) struct LeaseTaskDone(pub(crate) Arc<Engine>);
+
+impl Drop for LeaseTaskDone {
+    fn drop(&mut self) {
+        let mut state = self.0.state();
+        state.lease_tasks = state.lease_tasks.saturating_sub(1);
+    }
+}
+
+/// Marks the end of a persisting task, however it ends.
+struct Persisting(Arc<Engine>);
+
+impl Drop for Persisting {
+    fn drop(&mut self) {
+        self.0.state().persisting = false;
+    }
+}
+
+/// Clears a flight's slot when its task ends, however it ends.
+struct ClearFlight {
+    inner: Arc<Engine>,
+    serial: u64,
+}
+
+impl Drop for ClearFlight {
+    fn drop(&mut self) {
+        self.inner.clear_flight(self.serial);
+    }
+}
+
+/// The error waiters get when the flight's task panicked. The message is not included:
+/// a panic message is not ours to vouch for.
+fn panicked(_payload: &(dyn std::any::Any + Send)) -> Error {
+    tracing::error!("a refresh task panicked; the flight is cleared and the next call starts anew");
+    Error::panicked()
+}
