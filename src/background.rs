@@ -16,6 +16,10 @@ pub struct BackgroundTask {
 }
 
 impl BackgroundTask {
+    pub(crate) fn new(task: tokio::task::JoinHandle<()>) -> Self {
+        Self { task }
+    }
+
     /// Stops the task.
     pub fn stop(&self) {
         self.task.abort();

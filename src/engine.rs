@@ -20,6 +20,7 @@ use tokio::time::Instant;
 
 use crate::clock::Clock;
 use crate::error::{Error, TransientKind};
+use crate::events::{Event, EventKind, EventSink};
 use crate::http::TokenEndpoint;
 use crate::lease::{HeldLease, bounded};
 use crate::retry::{Backoff, StoreSpacing};
@@ -111,9 +112,12 @@ pub(crate) struct Engine {
     pub(crate) cache: ArcSwapOption<Cached>,
     flight: Mutex<FlightSlot>,
     state: Mutex<State>,
+    /// Where events go (a manager's channel), if anywhere.
+    events: Option<EventSink>,
 }
 
 impl Engine {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         endpoint: Arc<TokenEndpoint>,
         store: Arc<dyn TokenStore>,
@@ -122,8 +126,10 @@ impl Engine {
         leeway: Duration,
         clock: Arc<dyn Clock>,
         timing: Timing,
+        events: Option<EventSink>,
     ) -> Self {
         Self {
+            events,
             endpoint,
             store,
             key,
@@ -162,18 +168,21 @@ pub(crate) struct State {
     /// What happened so far, for [`RefreshingTokenSource::status`].
     pub(crate) metrics: Metrics,
     pub(crate) last_refresh: Option<OffsetDateTime>,
-    pub(crate) last_error: Option<Error>,
+    pub(crate) last_error: Option<Box<Error>>,
     /// Spacing of attempts after provider failures.
     pub(crate) backoff: Backoff,
     /// Spacing of attempts after store failures.
     pub(crate) store_spacing: StoreSpacing,
     /// A rotated set not yet saved.
-    pub(crate) unsaved: Option<Unsaved>,
+    pub(crate) unsaved: Option<Box<Unsaved>>,
     /// True while a task retries saving `unsaved` (it holds, or re-takes, the lease).
     pub(crate) persisting: bool,
     /// Tasks still giving back a lease this source no longer needs (see
     /// [`RefreshingTokenSource::flush`]).
     pub(crate) lease_tasks: usize,
+    /// True after a failure other than a dead grant, until the next success (which is
+    /// then a [`EventKind::Recovered`]).
+    pub(crate) failing: bool,
     /// Bumped, under the lease, when a revoke or an import replaces the grant: a flight
     /// started under an older epoch (its store reads or its answer arriving late)
     /// publishes nothing and keeps no rotated set.
@@ -183,7 +192,7 @@ pub(crate) struct State {
     /// When a refresh forced by a rejection was last sent.
     pub(crate) last_forced_refresh: Option<Instant>,
     /// The grant is dead until the store shows a new one.
-    pub(crate) dead: Option<Dead>,
+    pub(crate) dead: Option<Box<Dead>>,
     /// The newest set this source has seen stored or saved: evidence that the key existed,
     /// and what to restore if the store loses it.
     pub(crate) last_known: Option<TokenSet>,
@@ -191,7 +200,7 @@ pub(crate) struct State {
     pub(crate) last_look: Option<Instant>,
     /// Another holder's write-ahead record (the whole record: each presentation writes a
     /// new one), and when this source first saw it.
-    pub(crate) foreign_rotation: Option<(RotationInFlight, Instant)>,
+    pub(crate) foreign_rotation: Option<Box<(RotationInFlight, Instant)>>,
     /// The refresh tokens this source presented and saw rotated (the newest few): a store
     /// that hands one back has lost acknowledged writes, and it is never presented again.
     pub(crate) consumed: std::collections::VecDeque<RefreshToken>,
@@ -452,20 +461,29 @@ impl Engine {
         match &mut outcome {
             Ok(_) => {
                 state.store_spacing.succeeded();
+                if std::mem::take(&mut state.failing) {
+                    drop(state);
+                    self.emit(EventKind::Recovered);
+                    return outcome;
+                }
             }
             Err(e) => {
                 state.metrics.count_failure(e);
-                state.last_error = Some(e.clone());
+                state.last_error = Some(Box::new(e.clone()));
+                state.failing = !e.needs_reauthorization();
                 if e.needs_reauthorization() {
+                    if state.dead.is_none() {
+                        self.emit(EventKind::NeedsConsent);
+                    }
                     let refresh_token = state
                         .last_known
                         .as_ref()
                         .and_then(|s| s.refresh_token.clone());
-                    state.dead = Some(Dead {
+                    state.dead = Some(Box::new(Dead {
                         error: e.clone(),
                         refresh_token,
                         checked_at: now,
-                    });
+                    }));
                 } else if crate::retry::is_store_side(e) {
                     state.metrics.store_failures += 1;
                     let wait = state.store_spacing.failed(now, e);
@@ -478,6 +496,17 @@ impl Engine {
             }
         }
         outcome
+    }
+
+    /// Sends an event about this grant, if anyone listens.
+    pub(crate) fn emit(&self, kind: EventKind) {
+        if let Some(events) = &self.events {
+            // No receiver is no error: nobody listens.
+            let _ = events.send(Event {
+                key: self.key.clone(),
+                kind,
+            });
+        }
     }
 
     /// Publishes a token set's access token to the hot path.

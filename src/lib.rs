@@ -49,6 +49,7 @@
 //! | feature | what it adds |
 //! |---|---|
 //! | `consent` | [`consent`]: obtaining a grant once (authorization code with a loopback listener or a pasted code, the device grant), using the `oauth2` crate for the authorization URL |
+//! | `manager` | [`TokenManager`]: many grants (one per user) of one provider, bounded in memory (`moka`), with a fleet sweeper that keeps every stored grant alive and an event stream |
 //! | `cli` | the `tokenkeeper` command (`login`, `token`, `status`, `logout`, `import`) |
 //! | `testing` | [`testing`]: a provider simulator on loopback and a fault-injecting store wrapper, for examples and your own tests |
 //! | `conformance` | `store::conformance`: the suite every [`TokenStore`] must pass |
@@ -69,8 +70,11 @@ mod clock;
 pub mod consent;
 mod engine;
 mod error;
+mod events;
 mod http;
 mod lease;
+#[cfg(feature = "manager")]
+mod manager;
 #[cfg(feature = "middleware")]
 pub mod middleware;
 mod protocol;
@@ -88,6 +92,9 @@ mod token;
 pub use background::BackgroundTask;
 pub use clock::{Clock, ManualClock, SystemClock, TokioClock};
 pub use error::{ConsentFailure, Error, ProviderError, ReauthorizationReason, TransientKind};
+pub use events::{Event, EventKind};
+#[cfg(feature = "manager")]
+pub use manager::{ManagerBuilder, ManagerStatus, SweepOptions, TokenManager};
 pub use provider::ProviderProfile;
 pub use refresh::{Builder, RefreshingTokenSource};
 pub use secret::{AccessToken, ClientCredentials, ClientSecret, RefreshToken};

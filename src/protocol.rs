@@ -31,6 +31,7 @@ use time::{Duration, OffsetDateTime};
 
 use crate::engine::{Engine, Job, Outcome, Reason, Unsaved};
 use crate::error::{Error, ReauthorizationReason, TransientKind};
+use crate::events::EventKind;
 use crate::http::RefreshFailure;
 use crate::lease::HeldLease;
 use crate::provider::{ProviderProfile, TokenResponse};
@@ -143,11 +144,7 @@ impl Engine {
     /// `RotationInFlight` and comes back later) once the awaited record is gone without a
     /// fresh set, or after at most 5 s or a lease ttl, whichever is shorter.
     async fn await_rotation(&self, reason: Reason) -> Option<AccessToken> {
-        let awaited = self
-            .state()
-            .foreign_rotation
-            .clone()
-            .map(|(record, _)| record);
+        let awaited = self.state().foreign_rotation.clone().map(|seen| seen.0);
         let until = crate::store::deadline_after(self.timing.lease_ttl.min(AWAIT_ROTATION_AT_MOST));
         while tokio::time::Instant::now() < until {
             tokio::time::sleep(WATCH_WHILE_WAITING).await;
@@ -377,7 +374,7 @@ impl Engine {
                         self.clock.now(),
                     );
                     return self
-                        .save_rotated(held, next, version, sent_at, Some(refresh_token))
+                        .save_rotated(held, next, version, sent_at, Some(refresh_token), reason)
                         .await;
                 }
                 // Step 7.
@@ -510,12 +507,12 @@ impl Engine {
         }
         state.unsaved = None;
         state.last_known = Some(revoked);
-        state.dead = Some(crate::engine::Dead {
+        state.dead = Some(Box::new(crate::engine::Dead {
             error: error.clone(),
             refresh_token: None,
             checked_at: self.now(),
-        });
-        state.last_error = Some(error);
+        }));
+        state.last_error = Some(Box::new(error));
         Ok(())
     }
 
@@ -612,9 +609,9 @@ impl Engine {
         let now = self.now();
         let mut state = self.state();
         let first_seen = match &state.foreign_rotation {
-            Some((seen, at)) if seen == rotation => *at,
+            Some(seen) if &seen.0 == rotation => seen.1,
             _ => {
-                state.foreign_rotation = Some((rotation.clone(), now));
+                state.foreign_rotation = Some(Box::new((rotation.clone(), now)));
                 now
             }
         };
@@ -643,7 +640,11 @@ impl Engine {
         version: Option<u64>,
         sent_at: OffsetDateTime,
         presented: Option<RefreshToken>,
+        reason: Reason,
     ) -> Outcome {
+        let presented_rotated = presented
+            .as_ref()
+            .is_some_and(|used| next.refresh_token.as_ref() != Some(used));
         {
             let mut state = self.state();
             if let Some(used) = presented
@@ -660,15 +661,22 @@ impl Engine {
                 tracing::warn!(key = %self.key, "the grant was revoked or replaced during this refresh; dropping its answer");
                 return Err(Error::transient(TransientKind::Interrupted, None));
             }
-            state.unsaved = Some(Unsaved {
+            state.unsaved = Some(Box::new(Unsaved {
                 set: next.clone(),
                 expected: version,
-            });
+            }));
             state.metrics.refreshes += 1;
             state.last_refresh = Some(sent_at);
             state.backoff.succeeded();
             state.rejected_access = None;
             state.foreign_rotation = None;
+        }
+        self.emit(EventKind::Refreshed);
+        if presented_rotated {
+            self.emit(EventKind::Rotated);
+        }
+        if reason == Reason::KeepAlive {
+            self.emit(EventKind::KeepAlive);
         }
         match held
             .op(self.store.save(&self.key, &next, version, held.lease()))
@@ -847,11 +855,16 @@ impl Engine {
             state.rejected_access = None;
         }
         let current = self.cache.load();
-        if current.as_ref().is_none_or(|c| &c.token != token) {
+        let adopted = current.as_ref().is_none_or(|c| &c.token != token);
+        if adopted {
             state.metrics.adoptions += 1;
         }
         drop(state);
-        self.publish(set)
+        let published = self.publish(set);
+        if adopted && published.is_some() {
+            self.emit(EventKind::Adopted);
+        }
+        published
     }
 }
 

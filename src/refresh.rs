@@ -79,11 +79,11 @@ pub struct Builder {
 /// The longest lease ttl accepted.
 const MAX_LEASE_TTL: StdDuration = StdDuration::from_secs(24 * 3600);
 /// The default bound on one store call.
-const DEFAULT_STORE_TIMEOUT: StdDuration = StdDuration::from_secs(10);
+pub(crate) const DEFAULT_STORE_TIMEOUT: StdDuration = StdDuration::from_secs(10);
 /// The default wait before taking over a rotation another holder left in flight.
-const DEFAULT_TAKEOVER_AFTER: StdDuration = StdDuration::from_secs(300);
+pub(crate) const DEFAULT_TAKEOVER_AFTER: StdDuration = StdDuration::from_secs(300);
 /// The default shortest spacing of refreshes forced by [`TokenSource::invalidate`].
-const DEFAULT_FORCED_REFRESH_INTERVAL: StdDuration = StdDuration::from_secs(30);
+pub(crate) const DEFAULT_FORCED_REFRESH_INTERVAL: StdDuration = StdDuration::from_secs(30);
 
 impl Builder {
     /// Where token sets live. Default: a new [`MemoryStore`].
@@ -176,12 +176,7 @@ impl Builder {
             .check_key(&self.key)
             .map_err(|e| Error::Config(format!("the store cannot hold this key: {e}")))?;
         let profile = &self.profile;
-        let lease_ttl = self.lease_ttl.unwrap_or(
-            profile
-                .request_timeout
-                .saturating_add(profile.connect_timeout)
-                .saturating_add(StdDuration::from_secs(30)),
-        );
+        let lease_ttl = self.lease_ttl.unwrap_or_else(|| default_lease_ttl(profile));
         if lease_ttl <= profile.request_timeout {
             return Err(Error::Config(format!(
                 "the lease ttl ({lease_ttl:?}) must exceed the request timeout ({:?}): \
@@ -216,9 +211,18 @@ impl Builder {
                 self.leeway,
                 self.clock,
                 timing,
+                None,
             )),
         })
     }
+}
+
+/// The lease ttl when none is set: the request's whole timeout, plus 30 s.
+pub(crate) fn default_lease_ttl(profile: &ProviderProfile) -> StdDuration {
+    profile
+        .request_timeout
+        .saturating_add(profile.connect_timeout)
+        .saturating_add(StdDuration::from_secs(30))
 }
 
 impl RefreshingTokenSource {
@@ -398,7 +402,7 @@ impl RefreshingTokenSource {
             refresh_token_expires_at,
             reauthorization_in,
             last_refresh: state.last_refresh,
-            last_error: state.last_error.clone(),
+            last_error: state.last_error.as_deref().cloned(),
             rotation_unsaved: state.unsaved.is_some(),
             metrics: state.metrics,
         }

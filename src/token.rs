@@ -119,11 +119,17 @@ impl TokenSet {
     }
 
     /// When the refresh token should be rotated to keep the grant alive: once a fifth of
-    /// its lifetime is left (counted from `obtained_at`). `None` when its expiry is
-    /// unknown, or the set holds no live refresh token (none, rejected, revoked).
+    /// its lifetime is left (counted from `obtained_at`). A refresh token imported alone
+    /// (no access token, no known expiry: it may be older than its import) is due at
+    /// once, so that a fleet sweep proves and rotates it. `None` when the expiry is
+    /// otherwise unknown, or the set holds no live refresh token (none, rejected,
+    /// revoked).
     pub fn keep_alive_at(&self) -> Option<OffsetDateTime> {
         if self.refresh_token.is_none() || self.rejected_at.is_some() || self.revoked_at.is_some() {
             return None;
+        }
+        if self.access_token.is_none() && self.refresh_expires_at.is_none() {
+            return Some(self.obtained_at);
         }
         let expires = self.refresh_expires_at?;
         let lifetime = (expires - self.obtained_at).max(Duration::ZERO);

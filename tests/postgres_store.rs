@@ -264,3 +264,124 @@ async fn postgres_a_missing_table_is_named_with_the_call_that_creates_it() {
     assert!(!err.is_transient(), "not a retry-later error: {err:?}");
     assert_eq!(sim.counters().requests, 0);
 }
+
+/// The table as versions before `due_at` created it.
+const TABLE_BEFORE_DUE_AT: &str = "CREATE TABLE tokenkeeper_tokens (
+    key              text PRIMARY KEY,
+    version          bigint,
+    body             text,
+    lease_owner      text,
+    lease_fencing    bigint NOT NULL DEFAULT 0,
+    lease_expires_at timestamptz,
+    CHECK ((version IS NULL) = (body IS NULL))
+)";
+
+/// A raw connection, for what the store does not do (old schemas, catalogs, roles).
+async fn raw(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(connection);
+    client
+}
+
+/// A set due (its keep-alive instant) in 1971, and that instant.
+fn due_in_1971(tag: &str) -> (tokenkeeper::TokenSet, time::OffsetDateTime) {
+    let mut set = sample(tag);
+    set.obtained_at = time::macros::datetime!(1971-03-01 0:00 UTC);
+    set.refresh_expires_at = Some(set.obtained_at + time::Duration::seconds(1000));
+    let at = set.keep_alive_at().expect("a keep-alive instant");
+    (set, at)
+}
+
+/// A table made before `due_at` existed: reads keep working, saves and `due` name
+/// `create_schema`, and `create_schema` upgrades it in place: the rows are kept, are not
+/// due until their next save, and are listed from then on, through an index.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_create_schema_upgrades_a_table_made_by_an_earlier_version() {
+    let server = PostgresServer::start();
+    let client = raw(&server.url()).await;
+    client.batch_execute(TABLE_BEFORE_DUE_AT).await.unwrap();
+    let key = unique_key("upgrade");
+    let (set, due_at) = due_in_1971("from-before");
+    let body = String::from_utf8(tokenkeeper::store::encode(&set, 1)).unwrap();
+    client
+        .execute(
+            "INSERT INTO tokenkeeper_tokens (key, version, body) VALUES ($1, 1, $2)",
+            &[&key, &body],
+        )
+        .await
+        .unwrap();
+
+    let store = PostgresStore::connect(&server.url()).await.unwrap();
+    let loaded = store.load(&key).await.unwrap().expect("the old row");
+    assert_eq!(loaded.value, set, "reads work before the upgrade");
+    let lease = store.lease(&key, Duration::from_secs(10)).await.unwrap();
+    let refused = store.save(&key, &set, Some(1), &lease).await;
+    lease.release().await.unwrap();
+    match refused {
+        Err(StoreError::Misconfigured(why)) => assert!(why.contains("create_schema"), "{why}"),
+        other => panic!("a save before the upgrade names create_schema, got {other:?}"),
+    }
+    let due = store.due(due_at, 10).await;
+    assert!(matches!(due, Err(StoreError::Misconfigured(_))), "{due:?}");
+
+    let (a, b) = tokio::join!(store.create_schema(), store.create_schema());
+    a.expect("upgrade");
+    b.expect("upgrade, concurrently");
+    store.create_schema().await.expect("and again: idempotent");
+    let loaded = store.load(&key).await.unwrap().expect("the row is kept");
+    assert_eq!((loaded.value, loaded.version), (set.clone(), 1));
+    assert!(
+        store.due(due_at, 10).await.unwrap().is_empty(),
+        "a row saved before the upgrade is not due until its next save"
+    );
+    let lease = store.lease(&key, Duration::from_secs(10)).await.unwrap();
+    store.save(&key, &set, Some(1), &lease).await.unwrap();
+    lease.release().await.unwrap();
+    assert_eq!(
+        store.due(due_at, 10).await.unwrap(),
+        [key],
+        "due once saved again"
+    );
+    let indexes: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_indexes \
+             WHERE tablename = 'tokenkeeper_tokens' AND indexdef LIKE '%(due_at)%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(indexes, 1, "due_at is indexed");
+}
+
+/// Once the table has `due_at` and its index, `create_schema` changes nothing, so a role
+/// that serves tokens without owning the table (the CLI runs `create_schema` at every
+/// start) can still run it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_create_schema_on_an_upgraded_table_needs_no_ownership() {
+    let server = PostgresServer::start();
+    connect(&server).await;
+    let client = raw(&server.url()).await;
+    client
+        .batch_execute(
+            "CREATE ROLE server LOGIN; \
+             GRANT CREATE, USAGE ON SCHEMA public TO server; \
+             GRANT SELECT, INSERT, UPDATE ON tokenkeeper_tokens TO server;",
+        )
+        .await
+        .unwrap();
+    let url = format!("postgresql://server@127.0.0.1:{}/postgres", server.port());
+    let store = PostgresStore::connect(&url).await.unwrap();
+    store
+        .create_schema()
+        .await
+        .expect("create_schema by a role that does not own the upgraded table");
+    let key = unique_key("not-owner");
+    let (set, due_at) = due_in_1971("not-owner");
+    let lease = store.lease(&key, Duration::from_secs(10)).await.unwrap();
+    store.save(&key, &set, None, &lease).await.unwrap();
+    lease.release().await.unwrap();
+    assert_eq!(store.due(due_at, 10).await.unwrap(), [key]);
+}

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use proxy::FaultProxy;
 use servers::RedisServer;
 use tokenkeeper::TokenStore;
-use tokenkeeper::store::conformance::{self, Leases};
+use tokenkeeper::store::conformance::{self, Leases, sample, unique_key};
 use tokenkeeper::store::redis::RedisStore;
 
 async fn connect(server: &RedisServer) -> RedisStore {
@@ -125,4 +125,64 @@ async fn redis_connect_warns_when_the_server_can_lose_keys() {
         "{:?}",
         store.durability_warnings()
     );
+}
+
+/// The due index is what the module documentation's layout says: the sorted set `p` `due`,
+/// member the store key, score the keep-alive instant in milliseconds since the epoch,
+/// written by the save script along with the hash (removed when the set has no refresh
+/// token). A hash written before the index existed is not due until its next save.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_due_index_is_the_documented_sorted_set() {
+    use std::time::Duration;
+    let server = RedisServer::start();
+    let store = connect(&server).await.with_prefix("layout:");
+    let mut raw = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let mut set = sample("layout");
+    set.obtained_at = time::macros::datetime!(1971-03-01 0:00 UTC);
+    set.refresh_expires_at = Some(set.obtained_at + time::Duration::milliseconds(1_000_005));
+    let due_at = set.keep_alive_at().unwrap();
+    let due_ms = i64::try_from(due_at.unix_timestamp_nanos() / 1_000_000).unwrap();
+    let zscore = async |raw: &mut redis::aio::MultiplexedConnection, key: &str| {
+        redis::cmd("ZSCORE")
+            .arg("layout:due")
+            .arg(key)
+            .query_async::<Option<f64>>(raw)
+            .await
+            .unwrap()
+    };
+
+    let key = unique_key("layout");
+    let lease = store.lease(&key, Duration::from_secs(10)).await.unwrap();
+    let v1 = store.save(&key, &set, None, &lease).await.unwrap();
+    assert_eq!(zscore(&mut raw, &key).await, Some(due_ms as f64));
+    assert_eq!(store.due(due_at, 10).await.unwrap(), [key.as_str()]);
+    let mut revoked = set.clone();
+    revoked.refresh_token = None;
+    store.save(&key, &revoked, Some(v1), &lease).await.unwrap();
+    lease.release().await.unwrap();
+    assert_eq!(zscore(&mut raw, &key).await, None, "removed from the index");
+    assert!(store.due(due_at, 10).await.unwrap().is_empty());
+
+    let old = unique_key("layout-before-the-index");
+    let _: () = redis::cmd("HSET")
+        .arg(format!("layout:token:{old}"))
+        .arg("version")
+        .arg("1")
+        .arg("body")
+        .arg(tokenkeeper::store::encode(&set, 1))
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert!(
+        store.due(due_at, 10).await.unwrap().is_empty(),
+        "not due until its next save"
+    );
+    let lease = store.lease(&old, Duration::from_secs(10)).await.unwrap();
+    store.save(&old, &set, Some(1), &lease).await.unwrap();
+    lease.release().await.unwrap();
+    assert_eq!(store.due(due_at, 10).await.unwrap(), [old]);
 }

@@ -55,6 +55,7 @@ pub async fn run(store: &dyn TokenStore, leases: Leases) {
     }
     key_checks_are_consistent(store).await;
     keys_lists_what_was_saved(store).await;
+    due_lists_the_grants_to_keep_alive(store).await;
 }
 
 /// Persistence: what `first` saved, `second` (a new instance over the same storage) loads.
@@ -132,6 +133,172 @@ async fn keys_lists_what_was_saved(store: &dyn TokenStore) {
             assert!(keys.is_sorted(), "keys are sorted");
         }
     }
+}
+
+/// Saves `set` under `key` (expecting `expected`) under a lease of its own; returns the
+/// new version.
+async fn save_leased(
+    store: &dyn TokenStore,
+    key: &str,
+    set: &TokenSet,
+    expected: Option<u64>,
+) -> u64 {
+    let lease = store.lease(key, ttl()).await.expect("lease");
+    let version = store.save(key, set, expected, &lease).await.expect("save");
+    lease.release().await.expect("release");
+    version
+}
+
+/// `due` lists exactly the keys whose stored set's keep-alive instant is at or before the
+/// bound, earliest first, at most `limit`; a set without a refresh token never; a save
+/// moves the key (out, in, earlier), a refused save does not. A store that cannot answer
+/// says so.
+///
+/// The instants are in 1971 (offset per run, to the millisecond, so that runs never tie),
+/// earlier than any real grant's. Only this check's keys are looked at, except for
+/// `limit`: `due(at, n)` must be the first `n` of everything due at `at`, whoever saved
+/// it (keys an earlier, interrupted run left due in 1971 included).
+async fn due_lists_the_grants_to_keep_alive(store: &dyn TokenStore) {
+    use time::Duration as Span;
+    match store.due(OffsetDateTime::UNIX_EPOCH, 1).await {
+        Err(StoreError::Unsupported(_)) => return,
+        Err(e) => panic!("due failed: {e}"),
+        Ok(_) => {}
+    }
+    let offset_ms = OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000 % 10_000_000_000;
+    let base = time::macros::datetime!(1971-01-02 0:00 UTC)
+        + Span::milliseconds(i64::try_from(offset_ms).expect("under 10^10"));
+    // A set obtained `obtained_s` after `base` whose refresh token lives `lifetime_s`.
+    let refreshable = |tag: &str, obtained_s: i64, lifetime_s: i64| {
+        let mut set = sample(tag);
+        set.obtained_at = base + Span::seconds(obtained_s);
+        set.expires_at = Some(set.obtained_at + Span::hours(1));
+        set.refresh_expires_at = Some(set.obtained_at + Span::seconds(lifetime_s));
+        set
+    };
+    let keep_alive = |set: &TokenSet| set.keep_alive_at().expect("a keep-alive instant");
+    let (early, middle, late) = (
+        unique_key("due-early"),
+        unique_key("due-middle"),
+        unique_key("due-late"),
+    );
+    let without_refresh = unique_key("due-no-refresh-token");
+    let early_set = refreshable("due-early", 0, 500);
+    let middle_set = refreshable("due-middle", 100, 1000);
+    let late_set = refreshable("due-late", 1000, 1000);
+    let mut no_refresh_set = refreshable("due-none", 0, 500);
+    no_refresh_set.refresh_token = None;
+    let (at_early, at_middle, at_late) = (
+        keep_alive(&early_set),
+        keep_alive(&middle_set),
+        keep_alive(&late_set),
+    );
+    assert!(at_early < at_middle && at_middle < at_late, "test premise");
+    assert!(no_refresh_set.keep_alive_at().is_none(), "test premise");
+
+    // Saved out of order.
+    let v_middle = save_leased(store, &middle, &middle_set, None).await;
+    save_leased(store, &without_refresh, &no_refresh_set, None).await;
+    let v_late = save_leased(store, &late, &late_set, None).await;
+    let v_early = save_leased(store, &early, &early_set, None).await;
+
+    let ours = [
+        early.as_str(),
+        middle.as_str(),
+        late.as_str(),
+        without_refresh.as_str(),
+    ];
+    let due = async |before: OffsetDateTime| -> Vec<String> {
+        store
+            .due(before, usize::MAX)
+            .await
+            .expect("due")
+            .into_iter()
+            .filter(|key| ours.contains(&key.as_str()))
+            .collect()
+    };
+    let ms = Span::milliseconds(1);
+    assert_eq!(
+        due(at_late).await,
+        [early.as_str(), middle.as_str(), late.as_str()],
+        "due lists the keys due at or before the bound, earliest first, and never a set \
+         without a refresh token"
+    );
+    assert_eq!(
+        due(at_late - ms).await,
+        [early.as_str(), middle.as_str()],
+        "a key due after the bound is not listed"
+    );
+    assert!(
+        due(at_early - ms).await.is_empty(),
+        "nothing is due before the earliest instant"
+    );
+
+    let everything = store.due(at_late, usize::MAX).await.expect("due");
+    for limit in [0, 1, 2, 3] {
+        let limited = store.due(at_late, limit).await.expect("due");
+        assert_eq!(
+            limited,
+            everything[..limit.min(everything.len())],
+            "due(at, {limit}) is the first {limit} of everything due at `at`"
+        );
+    }
+
+    // A refused save moves nothing.
+    let stale = refreshable("due-stale", -1000, 500);
+    let lease = store.lease(&middle, ttl()).await.expect("lease");
+    let refused = store.save(&middle, &stale, None, &lease).await;
+    lease.release().await.expect("release");
+    assert!(
+        matches!(refused, Err(StoreError::Conflict)),
+        "got {refused:?}"
+    );
+    assert!(
+        due(keep_alive(&stale)).await.is_empty(),
+        "a save refused by the compare-and-swap does not move its key"
+    );
+
+    // A later instant moves the key out; no refresh token moves it out; an earlier one
+    // moves it first.
+    let v_early = save_leased(store, &early, &sample("due-later"), Some(v_early)).await;
+    assert_eq!(
+        due(at_late).await,
+        [middle.as_str(), late.as_str()],
+        "a key saved with a later keep-alive instant is no longer due"
+    );
+    let mut revoked = middle_set.clone();
+    revoked.refresh_token = None;
+    let v_middle = save_leased(store, &middle, &revoked, Some(v_middle)).await;
+    assert_eq!(
+        due(at_late).await,
+        [late.as_str()],
+        "a key saved without a refresh token is no longer due"
+    );
+    let earlier = refreshable("due-earlier", -1000, 500);
+    let v_late = save_leased(store, &late, &earlier, Some(v_late)).await;
+    assert_eq!(
+        due(keep_alive(&earlier)).await,
+        [late.as_str()],
+        "a key saved with an earlier instant is due from then"
+    );
+
+    // Nothing of this check stays due in 1971.
+    save_leased(store, &late, &sample("due-done"), Some(v_late)).await;
+    save_leased(store, &middle, &middle_set, Some(v_middle)).await;
+    save_leased(store, &early, &sample("due-done"), Some(v_early)).await;
+    assert_eq!(
+        due(at_late).await,
+        [middle.as_str()],
+        "a key saved due again is listed again"
+    );
+    let v_middle = store
+        .load(&middle)
+        .await
+        .expect("load")
+        .expect("saved")
+        .version;
+    save_leased(store, &middle, &sample("due-done"), Some(v_middle)).await;
+    assert!(due(at_late).await.is_empty(), "every key moved out");
 }
 
 async fn load_of_a_missing_key_is_none(store: &dyn TokenStore) {

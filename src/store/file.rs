@@ -1,12 +1,13 @@
 //! [`FileStore`]: one JSON file per key in a directory, shared by the processes of a machine.
 
 use std::fs::{self, File, OpenOptions, TryLockError};
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use time::OffsetDateTime;
 
 use super::{
     Lease, LeaseRelease, StoreError, TokenStore, Versioned, decode, encode, next_version,
@@ -27,6 +28,16 @@ const TEMP_SUFFIX: &str = ".tmp";
 ///
 /// A file that cannot be read as a token set is reported as [`StoreError::Corrupt`] and
 /// never overwritten: move it away to start over.
+///
+/// A save writes `.<stem>~XXXXXX.tmp` (random `XXXXXX`) after recording that name in the
+/// key's lock file, and removes the temporary file the previous save of the key recorded
+/// if it is still there (its writer died before renaming it). A save therefore never lists
+/// the directory: its cost does not grow with the number of keys. Temporary files left by
+/// earlier versions, which did not record their names, are not removed by saves: delete
+/// `.*~*.tmp` files by hand while no process uses the directory.
+///
+/// [`TokenStore::due`] reads every token file (a scan: for operators and schedulers,
+/// not for every request); a file it cannot read is skipped with a warning naming its key.
 #[derive(Clone, Debug)]
 pub struct FileStore {
     dir: PathBuf,
@@ -68,6 +79,55 @@ impl FileStore {
         builder.create(&self.dir)
     }
 
+    /// The keys of the token files in the directory (current and legacy names), sorted;
+    /// temporary and lock files are not token files.
+    fn list(&self) -> Result<Vec<String>, StoreError> {
+        let entries = match fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(StoreError::unavailable(e)),
+        };
+        let mut keys = Vec::new();
+        for entry in entries {
+            let name = entry.map_err(StoreError::unavailable)?.file_name();
+            let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
+                continue;
+            };
+            if let Some(key) = unescape(stem) {
+                keys.push(key);
+            }
+        }
+        keys.sort();
+        keys.dedup();
+        Ok(keys)
+    }
+
+    /// [`TokenStore::due`]: reads every token file. One that cannot be read is skipped,
+    /// with a warning naming its key (never its content).
+    fn scan_due(&self, before: OffsetDateTime, limit: usize) -> Result<Vec<String>, StoreError> {
+        let mut due = Vec::new();
+        for key in self.list()? {
+            match self.read(&key) {
+                Ok(Some(stored)) => {
+                    if let Some(at) = stored.value.keep_alive_at()
+                        && at <= before
+                    {
+                        due.push((at, key));
+                    }
+                }
+                // Removed since it was listed (a legacy file moved by a save).
+                Ok(None) => {}
+                Err(e) => tracing::warn!(
+                    key = %key,
+                    error = %e,
+                    "skipping a token file that cannot be read while looking for due keys"
+                ),
+            }
+        }
+        due.sort();
+        Ok(due.into_iter().take(limit).map(|(_, key)| key).collect())
+    }
+
     fn read(&self, key: &str) -> Result<Option<Versioned<TokenSet>>, StoreError> {
         match read_file(&self.path_for(key)?)? {
             Some(bytes) => decode(key, &bytes).map(Some),
@@ -81,24 +141,43 @@ impl FileStore {
         }
     }
 
-    /// Writes through a temporary file named after the key. Called under the key's lease,
-    /// so any earlier temporary file of the key was left by a writer that died: removed.
-    fn write_atomically(&self, key: &str, bytes: &[u8]) -> io::Result<()> {
+    /// Creates the key's next temporary file, `.<stem>~XXXXXX.tmp`, after removing the
+    /// one the key's previous save recorded in `lock` (the key's locked lock file) if it
+    /// is still there: its writer died before renaming it (we hold the lock). The new
+    /// name is recorded in `lock` before the file exists, so a writer killed at any point
+    /// leaves nothing the next save does not know about. No directory listing: the cost
+    /// does not grow with the number of keys. (The record is not fsynced: after a power
+    /// loss, unlike a killed process, a leftover may go unrecorded and stay.)
+    fn create_temp(&self, key: &str, lock: &File) -> io::Result<tempfile::NamedTempFile> {
         // `~` never occurs in a stem, so no other key's temporary file matches.
         let prefix = format!(".{}~", file_stem(key).map_err(io::Error::other)?);
-        for entry in fs::read_dir(&self.dir)? {
-            let name = entry?.file_name();
-            let name = name.to_string_lossy();
-            if name.starts_with(&prefix) && name.ends_with(TEMP_SUFFIX) {
-                let _ = fs::remove_file(self.dir.join(&*name));
-            }
+        if let Some(leftover) = recorded_temp(lock, &prefix)?
+            && let Err(e) = fs::remove_file(self.dir.join(&leftover))
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            // Not worth failing the save for; the file name holds no secret.
+            tracing::warn!(file = %leftover, error = %e, "cannot remove a dead writer's temporary file");
         }
-        // tempfile creates the file with mode 0600 (O_EXCL), in the same directory so that
-        // the rename is atomic.
-        let mut temp = tempfile::Builder::new()
+        // Mode 0600 from the first byte, O_EXCL (a name that exists is retried with
+        // another), in the same directory so that the rename is atomic.
+        tempfile::Builder::new()
             .prefix(&prefix)
             .suffix(TEMP_SUFFIX)
-            .tempfile_in(&self.dir)?;
+            .make_in(&self.dir, |path| {
+                record_temp(lock, path)?;
+                let mut options = OpenOptions::new();
+                options.write(true).create_new(true);
+                #[cfg(unix)]
+                std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+                options.open(path)
+            })
+    }
+
+    /// Writes through a temporary file named after the key (see
+    /// [`FileStore::create_temp`]), fsynced, renamed over the key's file, and the
+    /// directory fsynced. Called under the key's lease; `lock` is its locked file.
+    fn write_atomically(&self, key: &str, lock: &File, bytes: &[u8]) -> io::Result<()> {
+        let mut temp = self.create_temp(key, lock)?;
         temp.write_all(bytes)?;
         temp.as_file().sync_all()?;
         temp.persist(self.path_for(key).map_err(io::Error::other)?)
@@ -111,6 +190,34 @@ impl FileStore {
         }
         sync_dir(&self.dir)
     }
+}
+
+/// The longest temporary file name recorded in a lock file.
+const MAX_RECORDED: u64 = 512;
+
+/// The temporary file name the key's last save recorded in its lock file, if it is one
+/// of this key's (`prefix`…`.tmp`, a plain name): anything else there (an empty file, a
+/// write cut short) names nothing.
+fn recorded_temp(mut lock: &File, prefix: &str) -> io::Result<Option<String>> {
+    let mut recorded = Vec::new();
+    lock.seek(SeekFrom::Start(0))?;
+    lock.take(MAX_RECORDED).read_to_end(&mut recorded)?;
+    let Ok(name) = String::from_utf8(recorded) else {
+        return Ok(None);
+    };
+    let plain = !name.contains(['/', '\\', '\0']);
+    Ok((plain && name.starts_with(prefix) && name.ends_with(TEMP_SUFFIX)).then_some(name))
+}
+
+/// Records `temp`'s file name in the key's lock file, replacing the previous one.
+fn record_temp(mut lock: &File, temp: &Path) -> io::Result<()> {
+    let name = temp
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| io::Error::other("a temporary file name that is not UTF-8"))?;
+    lock.set_len(0)?;
+    lock.seek(SeekFrom::Start(0))?;
+    lock.write_all(name.as_bytes())
 }
 
 fn read_file(path: &Path) -> Result<Option<Vec<u8>>, StoreError> {
@@ -220,28 +327,13 @@ impl TokenStore for FileStore {
     }
 
     async fn keys(&self) -> Result<Vec<String>, StoreError> {
-        let dir = self.dir.clone();
-        blocking(move || {
-            let entries = match fs::read_dir(&dir) {
-                Ok(entries) => entries,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-                Err(e) => return Err(StoreError::unavailable(e)),
-            };
-            let mut keys = Vec::new();
-            for entry in entries {
-                let name = entry.map_err(StoreError::unavailable)?.file_name();
-                let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
-                    continue;
-                };
-                if let Some(key) = unescape(stem) {
-                    keys.push(key);
-                }
-            }
-            keys.sort();
-            keys.dedup();
-            Ok(keys)
-        })
-        .await
+        let store = self.clone();
+        blocking(move || store.list()).await
+    }
+
+    async fn due(&self, before: OffsetDateTime, limit: usize) -> Result<Vec<String>, StoreError> {
+        let store = self.clone();
+        blocking(move || store.scan_due(before, limit)).await
     }
 
     async fn save(
@@ -265,14 +357,13 @@ impl TokenStore for FileStore {
         let locked = Arc::clone(&lock.file);
         let (store, key, token) = (self.clone(), key.to_owned(), token.clone());
         blocking(move || {
-            let _locked = locked;
             let current = store.read(&key)?.map(|v| v.version);
             if current != expected {
                 return Err(StoreError::Conflict);
             }
             let version = next_version(&key, current)?;
             store
-                .write_atomically(&key, &encode(&token, version))
+                .write_atomically(&key, &locked, &encode(&token, version))
                 .map_err(StoreError::unavailable)?;
             Ok(version)
         })
@@ -286,7 +377,8 @@ impl TokenStore for FileStore {
         let file = blocking(move || {
             store.create_dir().map_err(StoreError::unavailable)?;
             let mut options = OpenOptions::new();
-            options.create(true).truncate(false).write(true);
+            // Read and written too: it records the key's temporary file name.
+            options.create(true).truncate(false).read(true).write(true);
             #[cfg(unix)]
             std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
             options.open(&path).map_err(StoreError::unavailable)
@@ -339,19 +431,129 @@ mod tests {
 
     use super::file_stem;
 
-    #[test]
-    fn a_dead_writers_temporary_file_is_removed_by_the_next_save() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = super::FileStore::new(dir.path());
-        std::fs::write(dir.path().join(".k~dead.tmp"), b"partial").unwrap();
-        std::fs::write(dir.path().join(".other~live.tmp"), b"partial").unwrap();
-        store.write_atomically("k", b"{}").unwrap();
-        let mut names: Vec<_> = std::fs::read_dir(dir.path())
+    /// The key's lock file, as a lease opens it (without locking it: these tests write
+    /// from one thread).
+    fn lock_file(store: &super::FileStore, key: &str) -> std::fs::File {
+        store.create_dir().unwrap();
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(store.lock_path(key).unwrap())
+            .unwrap()
+    }
+
+    fn names_in(dir: &std::path::Path) -> Vec<String> {
+        let mut names: Vec<_> = std::fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         names.sort();
-        assert_eq!(names, [".other~live.tmp", "k.json"]);
+        names
+    }
+
+    #[test]
+    fn a_dead_writers_temporary_file_is_removed_by_the_next_save() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let store = super::FileStore::new(dir.path());
+        let lock = lock_file(&store, "k");
+        // A writer killed after writing part of its temporary file: no destructor runs.
+        let mut dead = store.create_temp("k", &lock).unwrap();
+        dead.write_all(b"partial").unwrap();
+        let dead = dead.into_temp_path().keep().unwrap();
+        assert!(dead.exists());
+        std::fs::write(dir.path().join(".other~live.tmp"), b"partial").unwrap();
+        store.write_atomically("k", &lock, b"{}").unwrap();
+        assert_eq!(
+            names_in(dir.path()),
+            [".other~live.tmp", "k.json", "k.json.lock"]
+        );
+        // And again after a save that completed: nothing is left either.
+        let mut dead = store.create_temp("k", &lock).unwrap();
+        dead.write_all(b"partial").unwrap();
+        dead.into_temp_path().keep().unwrap();
+        store.write_atomically("k", &lock, b"{}").unwrap();
+        store.write_atomically("k", &lock, b"{}").unwrap();
+        assert_eq!(
+            names_in(dir.path()),
+            [".other~live.tmp", "k.json", "k.json.lock"]
+        );
+    }
+
+    /// What a lock file records never makes a save remove a file that is not one of the
+    /// key's temporary files.
+    #[test]
+    fn a_lock_file_naming_another_file_removes_nothing() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let store = super::FileStore::new(dir.path());
+        // A directory that a name with a `/` could go through.
+        std::fs::create_dir(dir.path().join(".k~")).unwrap();
+        for recorded in [
+            "other.json",
+            ".other~x.tmp",
+            "../k.json",
+            ".k~/../.other~x.tmp",
+        ] {
+            std::fs::write(dir.path().join("other.json"), b"{}").unwrap();
+            std::fs::write(dir.path().join(".other~x.tmp"), b"{}").unwrap();
+            let mut lock = lock_file(&store, "k");
+            lock.set_len(0).unwrap();
+            lock.write_all(recorded.as_bytes()).unwrap();
+            store.write_atomically("k", &lock, b"{}").unwrap();
+            assert_eq!(
+                names_in(dir.path()),
+                [".k~", ".other~x.tmp", "k.json", "k.json.lock", "other.json"],
+                "{recorded}"
+            );
+        }
+    }
+
+    /// `due` skips a file it cannot read (a warning names the key, never the content) and
+    /// still lists the others; temporary and lock files are not token files.
+    #[test]
+    fn due_skips_an_unreadable_file_with_a_warning_naming_its_key() {
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Logs(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Logs {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let store = super::FileStore::new(dir.path());
+        let mut set = crate::TokenSet::from_refresh_token(
+            crate::RefreshToken::new("rt-good"),
+            time::macros::datetime!(1971-01-01 0:00 UTC),
+        );
+        set.refresh_expires_at = Some(set.obtained_at + time::Duration::hours(1));
+        let at = set.keep_alive_at().unwrap();
+        std::fs::write(store.path_for("good").unwrap(), super::encode(&set, 1)).unwrap();
+        std::fs::write(
+            store.path_for("bad").unwrap(),
+            br#"{"schema": 1, "version": "rt-secret-in-a-broken-file"}"#,
+        )
+        .unwrap();
+        std::fs::write(dir.path().join(".good~x.tmp"), b"partial").unwrap();
+        std::fs::write(dir.path().join("good.json.lock"), b".good~x.tmp").unwrap();
+        let logs = Logs::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let due = tracing::subscriber::with_default(subscriber, || store.scan_due(at, 10));
+        assert_eq!(due.unwrap(), ["good"]);
+        let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+        assert!(logs.contains("WARN") && logs.contains("bad"), "{logs}");
+        assert!(!logs.contains("rt-secret"), "{logs}");
     }
 
     /// A write still running when its caller gave up (and released the lease) keeps the
@@ -422,7 +624,11 @@ mod tests {
             .expect("the legacy file is read");
         assert_eq!((loaded.value, loaded.version), (set.clone(), 7));
         store
-            .write_atomically("User-1", &super::encode(&set, 8))
+            .write_atomically(
+                "User-1",
+                &lock_file(&store, "User-1"),
+                &super::encode(&set, 8),
+            )
             .unwrap();
         assert!(
             !dir.path().join("User-1.json").exists(),

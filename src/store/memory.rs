@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use time::OffsetDateTime;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -88,6 +89,21 @@ impl TokenStore for MemoryStore {
         let mut keys: Vec<String> = self.shared.lock().entries.keys().cloned().collect();
         keys.sort();
         Ok(keys)
+    }
+
+    async fn due(&self, before: OffsetDateTime, limit: usize) -> Result<Vec<String>, StoreError> {
+        let mut due: Vec<(OffsetDateTime, String)> = self
+            .shared
+            .lock()
+            .entries
+            .iter()
+            .filter_map(|(key, stored)| {
+                let at = stored.value.keep_alive_at()?;
+                (at <= before).then(|| (at, key.clone()))
+            })
+            .collect();
+        due.sort();
+        Ok(due.into_iter().take(limit).map(|(_, key)| key).collect())
     }
 
     async fn load(&self, key: &str) -> Result<Option<Versioned<TokenSet>>, StoreError> {

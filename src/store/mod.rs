@@ -30,6 +30,9 @@
 //!   once it has expired or been taken over. A store whose leases expire but cannot be
 //!   renewed keeps the default ([`StoreError::Unsupported`]); the refresh protocol then
 //!   relies on the lease's first ttl alone.
+//! - `due` lists the keys whose stored set's [`TokenSet::keep_alive_at`] has come, earliest
+//!   first, from what the last successful saves wrote (never a set that was not saved);
+//!   a store that cannot find them answers [`StoreError::Unsupported`] (the default).
 //! - Errors say whether the operation may have taken effect: an error that leaves the
 //!   outcome unknown (a timeout, a connection cut after the request was sent) must be
 //!   [`StoreError::Unavailable`] or [`StoreError::Timeout`], never `Conflict` or
@@ -46,6 +49,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use time::OffsetDateTime;
 
 use crate::token::TokenSet;
 
@@ -115,6 +119,19 @@ pub trait TokenStore: fmt::Debug + Send + Sync + 'static {
         Err(StoreError::Unsupported("listing keys"))
     }
 
+    /// Keys whose stored set's [`TokenSet::keep_alive_at`] is at or before `before`,
+    /// earliest first, at most `limit`: the grants whose refresh token must be rotated
+    /// to stay alive. A set without a keep-alive instant (no live refresh token, or an
+    /// unknown refresh expiry) is never due. Instants are compared at the store's
+    /// resolution (milliseconds in Redis, microseconds in PostgreSQL); keys due at the
+    /// same instant come in no particular order.
+    ///
+    /// The default: [`StoreError::Unsupported`], for stores that cannot find them.
+    async fn due(&self, before: OffsetDateTime, limit: usize) -> Result<Vec<String>, StoreError> {
+        let _ = (before, limit);
+        Err(StoreError::Unsupported("due"))
+    }
+
     /// Checks that `key` can be stored here at all (length, characters), without
     /// touching the store. [`crate::Builder::build`] calls it, so that a key the store
     /// cannot hold is a configuration error at once. Default: any non-empty key.
@@ -151,6 +168,9 @@ impl<S: TokenStore + ?Sized> TokenStore for Arc<S> {
     }
     async fn keys(&self) -> Result<Vec<String>, StoreError> {
         (**self).keys().await
+    }
+    async fn due(&self, before: OffsetDateTime, limit: usize) -> Result<Vec<String>, StoreError> {
+        (**self).due(before, limit).await
     }
     fn check_key(&self, key: &str) -> Result<(), StoreError> {
         (**self).check_key(key)

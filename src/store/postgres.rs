@@ -14,13 +14,26 @@
 //!     lease_owner      text,            -- random per lease; NULL when released
 //!     lease_fencing    bigint NOT NULL DEFAULT 0,
 //!     lease_expires_at timestamptz,     -- judged by the database's clock
+//!     due_at           timestamptz,     -- the set's keep-alive instant; NULL: none
 //!     CHECK ((version IS NULL) = (body IS NULL))
 //! );
+//! -- Tables created by earlier versions get the column and its index (only when missing):
+//! ALTER TABLE tokenkeeper_tokens ADD COLUMN IF NOT EXISTS due_at timestamptz;
+//! CREATE INDEX IF NOT EXISTS tokenkeeper_tokens_due_at_idx
+//!     ON tokenkeeper_tokens (due_at) WHERE due_at IS NOT NULL;
 //! ```
 //!
+//! `due_at` is [`TokenSet::keep_alive_at`] of the stored set, written by the same
+//! statement as the body, so it never disagrees with it; [`TokenStore::due`] reads it
+//! through the index. `create_schema` upgrades a table made by an earlier version
+//! without touching its rows: rows saved before the upgrade have a NULL `due_at` (they
+//! are never due) until their next save. The upgrade is skipped once done: later calls
+//! neither lock the table against its users nor need to own it.
+//!
 //! The role the store connects as needs `SELECT`, `INSERT` and `UPDATE` on the table
-//! (and `CREATE` once, for `create_schema`). The body holds secrets in plain text:
-//! protect the table like a password store.
+//! (and `CREATE` once, for `create_schema`; upgrading a table made by an earlier version
+//! needs its owner, once). The body holds secrets in plain text: protect the table like
+//! a password store.
 //!
 //! # Leases and fencing
 //!
@@ -45,9 +58,11 @@
 //! server's `statement_timeout` to the default bound, 5 s (unless the connection string
 //! sets one: `options=-c statement_timeout=...`), and TCP keepalives.
 //!
-//! A missing table is [`StoreError::Misconfigured`], naming the table and
-//! [`PostgresStore::create_schema`], which the store never runs by itself (the role that
-//! serves tokens need not be allowed to create tables).
+//! A missing table, or one an earlier version made and `create_schema` has not upgraded
+//! (without `due_at`: saves and `due` fail, loads still work), is
+//! [`StoreError::Misconfigured`], naming the table and [`PostgresStore::create_schema`],
+//! which the store never runs by itself (the role that serves tokens need not be allowed
+//! to create tables).
 //!
 //! A save is one `UPDATE ... WHERE key = $1 AND lease_owner = $2 AND lease_fencing = $3
 //! AND lease_expires_at > clock_timestamp() AND version IS NOT DISTINCT FROM $expected`:
@@ -61,6 +76,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use time::OffsetDateTime;
 use tokio::time::Instant;
 use tokio_postgres::NoTls;
 
@@ -116,6 +132,29 @@ struct Sql {
     release_owner: String,
     save: String,
     lease_held: String,
+    due: String,
+}
+
+/// The `timestamptz` for microseconds since the Unix epoch in parameter `$n` (NULL for
+/// NULL), computed exactly in integers (no floating point rounding).
+fn timestamptz_from_micros(n: u8) -> String {
+    format!(
+        "(to_timestamp(${n}::bigint / 1000000) + (${n}::bigint % 1000000) * interval '1 microsecond')"
+    )
+}
+
+/// `at` in microseconds since the Unix epoch (rounded down), clamped to what PostgreSQL's
+/// `timestamptz` holds (clamping keeps the order, so `due` stays right).
+fn epoch_micros(at: OffsetDateTime) -> i64 {
+    /// About 4370 BC; PostgreSQL's `timestamptz` starts at 4713 BC.
+    const EARLIEST: i128 = -200_000_000_000 * 1_000_000;
+    /// About 31,700 AD; `time` stops at 9999 anyway.
+    const LATEST: i128 = 1_000_000_000_000 * 1_000_000;
+    let micros = at
+        .unix_timestamp_nanos()
+        .div_euclid(1_000)
+        .clamp(EARLIEST, LATEST);
+    i64::try_from(micros).unwrap_or_default()
 }
 
 impl Sql {
@@ -149,10 +188,15 @@ impl Sql {
                  WHERE key = $1 AND lease_owner = $2 AND lease_fencing = $3"
             ),
             save: format!(
-                "UPDATE {t} SET version = $4, body = $5 \
+                "UPDATE {t} SET version = $4, body = $5, due_at = {due_at} \
                  WHERE key = $1 AND lease_owner = $2 AND lease_fencing = $3 \
                    AND lease_expires_at > clock_timestamp() \
-                   AND version IS NOT DISTINCT FROM $6::bigint"
+                   AND version IS NOT DISTINCT FROM $6::bigint",
+                due_at = timestamptz_from_micros(7)
+            ),
+            due: format!(
+                "SELECT key FROM {t} WHERE due_at <= {before} ORDER BY due_at, key LIMIT $2",
+                before = timestamptz_from_micros(1)
             ),
             lease_held: format!(
                 "SELECT lease_owner = $2 AND lease_fencing = $3 \
@@ -313,33 +357,57 @@ impl PostgresStore {
         &self.shared.table
     }
 
-    /// The `CREATE TABLE IF NOT EXISTS` statement [`PostgresStore::create_schema`] runs.
+    /// The statements [`PostgresStore::create_schema`] runs: `CREATE TABLE IF NOT EXISTS`,
+    /// then a `DO` block that adds the `due_at` column and its index to a table made by
+    /// an earlier version (`ALTER TABLE ... ADD COLUMN IF NOT EXISTS`, `CREATE INDEX IF
+    /// NOT EXISTS`), only when they are missing: once upgraded, running them takes no
+    /// lock on the table and needs no ownership of it.
     pub fn schema_sql(&self) -> String {
+        let t = &self.shared.table;
+        let (index, qualified_index) = due_index(t);
         format!(
-            "CREATE TABLE IF NOT EXISTS {} (\n\
+            "CREATE TABLE IF NOT EXISTS {t} (\n\
              \x20   key              text PRIMARY KEY,\n\
              \x20   version          bigint,\n\
              \x20   body             text,\n\
              \x20   lease_owner      text,\n\
              \x20   lease_fencing    bigint NOT NULL DEFAULT 0,\n\
              \x20   lease_expires_at timestamptz,\n\
+             \x20   due_at           timestamptz,\n\
              \x20   CHECK ((version IS NULL) = (body IS NULL))\n\
-             )",
-            self.shared.table
+             );\n\
+             DO $upgrade$\n\
+             BEGIN\n\
+             \x20   IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = '{t}'::regclass\n\
+             \x20                  AND attname = 'due_at' AND NOT attisdropped) THEN\n\
+             \x20       ALTER TABLE {t} ADD COLUMN IF NOT EXISTS due_at timestamptz;\n\
+             \x20   END IF;\n\
+             \x20   IF to_regclass('{qualified_index}') IS NULL THEN\n\
+             \x20       CREATE INDEX IF NOT EXISTS {index} ON {t} (due_at) WHERE due_at IS NOT NULL;\n\
+             \x20   END IF;\n\
+             END\n\
+             $upgrade$"
         )
     }
 
-    /// Creates the table if it does not exist. Idempotent, and safe to run from several
-    /// processes at once (serialized by a transaction-scoped advisory lock).
+    /// Creates the table if it does not exist, and upgrades one made by an earlier version
+    /// (see [`PostgresStore::schema_sql`]; existing rows are kept). Idempotent, and safe to
+    /// run from several processes at once (serialized by a transaction-scoped advisory
+    /// lock).
     pub async fn create_schema(&self) -> Result<(), StoreError> {
         let client = self.client().await?;
-        client
+        let created = client
             .batch_execute(&format!(
                 "BEGIN; SELECT pg_advisory_xact_lock(7317180650301923); {}; COMMIT;",
                 self.schema_sql()
             ))
-            .await
-            .map_err(StoreError::unavailable)
+            .await;
+        if created.is_err() {
+            // The failed statement left its transaction open on this connection: close it
+            // rather than hand it out again.
+            drop(deadpool_postgres::Object::take(client));
+        }
+        created.map_err(StoreError::unavailable)
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
@@ -377,11 +445,19 @@ async fn checkout(pool: &Pool, timeout: Duration) -> Result<deadpool_postgres::C
     }
 }
 
-/// Maps a database error: a missing table is a configuration mistake, named.
+/// Maps a database error: a missing table, or a table an earlier version made and
+/// `create_schema` did not upgrade, is a configuration mistake, named.
 fn pg_error(shared: &Shared, e: tokio_postgres::Error) -> StoreError {
     if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) {
         return StoreError::Misconfigured(format!(
             "the table {} does not exist: call PostgresStore::create_schema() once (it is idempotent)",
+            shared.table
+        ));
+    }
+    if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_COLUMN) {
+        return StoreError::Misconfigured(format!(
+            "the table {} lacks a column this version uses (an earlier version made it): \
+             call PostgresStore::create_schema() once to upgrade it (its rows are kept)",
             shared.table
         ));
     }
@@ -437,6 +513,23 @@ where
     }
 }
 
+/// The due index of table `table` (`[schema.]name`): its name, and that name qualified
+/// like the table (an index lives in its table's schema).
+fn due_index(table: &str) -> (String, String) {
+    const SUFFIX: &str = "_due_at_idx";
+    let (schema, name) = match table.split_once('.') {
+        Some((schema, name)) => (Some(schema), name),
+        None => (None, table),
+    };
+    // PostgreSQL names are at most 63 bytes; table names are ASCII.
+    let index = format!("{}{SUFFIX}", &name[..name.len().min(63 - SUFFIX.len())]);
+    let qualified = match schema {
+        Some(schema) => format!("{schema}.{index}"),
+        None => index.clone(),
+    };
+    (index, qualified)
+}
+
 fn check_key(key: &str) -> Result<(), StoreError> {
     if key.is_empty() {
         return Err(StoreError::InvalidKey {
@@ -469,6 +562,31 @@ impl TokenStore for PostgresStore {
                         .map_err(|e| self.pg_error(e))?;
                     client
                         .query(&statement, &[])
+                        .await
+                        .map_err(|e| self.pg_error(e))
+                }
+            })
+            .await?;
+        rows.iter()
+            .map(|row| row.try_get::<_, String>(0).map_err(StoreError::unavailable))
+            .collect()
+    }
+
+    async fn due(&self, before: OffsetDateTime, limit: usize) -> Result<Vec<String>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let before = epoch_micros(before);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = self
+            .idempotent(|| {
+                async |client| {
+                    let statement = client
+                        .prepare_cached(&self.shared.sql.due)
+                        .await
+                        .map_err(|e| self.pg_error(e))?;
+                    client
+                        .query(&statement, &[&before, &limit])
                         .await
                         .map_err(|e| self.pg_error(e))
                 }
@@ -522,6 +640,7 @@ impl TokenStore for PostgresStore {
             .map_err(|_| StoreError::unavailable(InvalidConfig("a record that is not UTF-8")))?;
         let expected_db = expected.map(to_db).transpose()?;
         let (version_db, fencing_db) = (to_db(version)?, to_db(held.fencing)?);
+        let due_at = token.keep_alive_at().map(epoch_micros);
         self.once(async |client| {
             let statement = client
                 .prepare_cached(&self.shared.sql.save)
@@ -537,6 +656,7 @@ impl TokenStore for PostgresStore {
                         &version_db,
                         &body,
                         &expected_db,
+                        &due_at,
                     ],
                 )
                 .await

@@ -10,6 +10,13 @@
 //! | `p` `token:` `k` | hash | `version` (decimal) and `body` (the token set as [`super::encode`] writes it, version included) |
 //! | `p` `lease:` `k` | string | `<owner>:<fencing>` of the lease holder, with a `PX` expiry of the lease's ttl |
 //! | `p` `fencing:` `k` | string | the fencing counter, `INCR`ed for every lease granted |
+//! | `p` `due` | sorted set | member `k` for every key whose stored set has a [`TokenSet::keep_alive_at`], scored with that instant in milliseconds since the Unix epoch ([`TokenStore::due`]) |
+//!
+//! The save script that writes `p` `token:` `k` also adds `k` to `p` `due` (or removes it,
+//! when the new set has no keep-alive instant), in the same script, so the index never
+//! disagrees with the stored sets. Sets saved by versions without the index are not in it
+//! until their next save; a token hash deleted by hand should be removed from `p` `due`
+//! too (`ZREM`), or `due` keeps listing its key.
 //!
 //! # Leases and fencing
 //!
@@ -49,6 +56,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redis::Script;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use time::OffsetDateTime;
 use tokio::time::Instant;
 
 use super::{
@@ -103,9 +111,12 @@ end
 return 0
 ";
 
-/// Fenced compare-and-swap: `KEYS[1]` token hash, `KEYS[2]` lease key; `ARGV[1]`
-/// `<owner>:<fencing>`, `ARGV[2]` expected version (`''`: absent), `ARGV[3]` new version,
-/// `ARGV[4]` body. Returns 1 (written), -1 (lease lost) or -2 (version conflict).
+/// Fenced compare-and-swap: `KEYS[1]` token hash, `KEYS[2]` lease key, `KEYS[3]` the due
+/// index; `ARGV[1]` `<owner>:<fencing>`, `ARGV[2]` expected version (`''`: absent),
+/// `ARGV[3]` new version, `ARGV[4]` body, `ARGV[5]` the new set's keep-alive instant in ms
+/// (`''`: none), `ARGV[6]` the store key. Returns 1 (written), -1 (lease lost) or -2
+/// (version conflict). The index is written first: a script that fails there (a script
+/// error is not rolled back) has written nothing.
 const SAVE: &str = r"
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then
   return -1
@@ -114,6 +125,11 @@ local current = redis.call('HGET', KEYS[1], 'version')
 if current == false then current = '' end
 if current ~= ARGV[2] then
   return -2
+end
+if ARGV[5] == '' then
+  redis.call('ZREM', KEYS[3], ARGV[6])
+else
+  redis.call('ZADD', KEYS[3], ARGV[5], ARGV[6])
 end
 redis.call('HSET', KEYS[1], 'version', ARGV[3], 'body', ARGV[4])
 return 1
@@ -300,6 +316,16 @@ impl RedisStore {
     fn fencing_key(&self, key: &str) -> String {
         format!("{}fencing:{key}", self.prefix)
     }
+
+    fn due_key(&self) -> String {
+        format!("{}due", self.prefix)
+    }
+}
+
+/// `at` in whole milliseconds since the Unix epoch (rounded down): the due index's score.
+fn epoch_ms(at: OffsetDateTime) -> i64 {
+    let ms = at.unix_timestamp_nanos().div_euclid(1_000_000);
+    i64::try_from(ms).unwrap_or(if ms < 0 { i64::MIN } else { i64::MAX })
 }
 
 fn check_key(key: &str) -> Result<(), StoreError> {
@@ -351,6 +377,23 @@ impl TokenStore for RedisStore {
         Ok(keys)
     }
 
+    async fn due(&self, before: OffsetDateTime, limit: usize) -> Result<Vec<String>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut connection = self.connection.clone();
+        redis::cmd("ZRANGEBYSCORE")
+            .arg(self.due_key())
+            .arg("-inf")
+            .arg(epoch_ms(before))
+            .arg("LIMIT")
+            .arg(0)
+            .arg(i64::try_from(limit).unwrap_or(i64::MAX))
+            .query_async(&mut connection)
+            .await
+            .map_err(StoreError::unavailable)
+    }
+
     async fn load(&self, key: &str) -> Result<Option<Versioned<TokenSet>>, StoreError> {
         let token_key = self.token_key(key)?;
         let mut connection = self.connection.clone();
@@ -399,16 +442,23 @@ impl TokenStore for RedisStore {
         };
         let version = next_version(key, expected)?;
         let expected = expected.map(|v| v.to_string()).unwrap_or_default();
+        let due_at = token
+            .keep_alive_at()
+            .map(|at| epoch_ms(at).to_string())
+            .unwrap_or_default();
         let mut connection = self.connection.clone();
         let outcome: i64 = self
             .scripts
             .save
             .key(&token_key)
             .key(&lease_key)
+            .key(self.due_key())
             .arg(&held.value)
             .arg(expected)
             .arg(version.to_string())
             .arg(encode(token, version))
+            .arg(due_at)
+            .arg(key)
             .invoke_async(&mut connection)
             .await
             .map_err(StoreError::unavailable)?;

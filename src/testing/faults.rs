@@ -314,6 +314,14 @@ impl<S: TokenStore> TokenStore for FaultyStore<S> {
         self.inner.keys().await
     }
 
+    async fn due(
+        &self,
+        before: time::OffsetDateTime,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        self.inner.due(before, limit).await
+    }
+
     fn check_key(&self, key: &str) -> Result<(), StoreError> {
         self.inner.check_key(key)
     }

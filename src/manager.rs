@@ -1,0 +1,477 @@
+//! [`TokenManager`]: many grants (one per user) of one provider and client, driven by the
+//! same [grant engine](crate::engine) as a [`RefreshingTokenSource`].
+//!
+//! A manager shares one token endpoint (one HTTP client and connection pool) and one
+//! store between all its grants. [`TokenManager::source`] hands out a cheap
+//! [`RefreshingTokenSource`] for a key; the grant's engine is created on first use (it
+//! reads the store lazily, at its first token request), kept in a bounded cache (a
+//! capacity and an idle time, by `moka`), and created again after eviction. An evicted
+//! engine that something still holds (a handle, a flight, a save being retried) is found
+//! again rather than duplicated, so one process has one engine per key; replicas
+//! coordinate through the store's lease as ever.
+//!
+//! [`TokenManager::spawn_sweeper`] keeps every stored grant alive, loaded or not: it asks
+//! the store for the grants whose refresh token nears its expiry
+//! ([`TokenStore::due`]) and rotates each once (the protocol adopts what another replica
+//! already rotated), with bounded concurrency and a fleet-wide pause on `429`.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration as StdDuration;
+
+use crate::clock::{Clock, SystemClock};
+use crate::engine::{Engine, Reason, Timing};
+use crate::error::{Error, TransientKind};
+use crate::events::{Event, EventSink};
+use crate::http::TokenEndpoint;
+use crate::provider::ProviderProfile;
+use crate::refresh::{DEFAULT_STORE_TIMEOUT, RefreshingTokenSource, default_lease_ttl};
+use crate::secret::ClientCredentials;
+use crate::store::{MemoryStore, TokenStore};
+use crate::token::DEFAULT_LEEWAY;
+
+/// Many grants (one per user) of one provider and client, driven by the same grant
+/// engine as a [`RefreshingTokenSource`].
+///
+/// One token endpoint (one HTTP client and connection pool) and one store serve every
+/// grant. [`source`](Self::source) hands out a cheap [`RefreshingTokenSource`] for a
+/// key; the grant is created on first use (it reads the store at its first token
+/// request), kept in a bounded cache (a capacity and an idle time), and created again
+/// after eviction. An evicted grant that something still holds (a handle, a refresh in
+/// flight, a save being retried) is found again rather than duplicated: one process has
+/// one engine per key, and replicas coordinate through the store's lease as ever.
+///
+/// [`spawn_sweeper`](Self::spawn_sweeper) keeps every stored grant alive, loaded or not:
+/// it asks the store for the grants whose refresh token nears its expiry
+/// ([`TokenStore::due`]) and rotates each once (a replica that finds it already rotated
+/// adopts it), with bounded concurrency and a fleet-wide pause after a `429`.
+/// [`subscribe`](Self::subscribe) streams what happens to each grant.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), tokenkeeper::Error> {
+/// use tokenkeeper::{ClientCredentials, FileStore, ProviderProfile, TokenManager};
+///
+/// let manager = TokenManager::builder(ProviderProfile::lucid(), ClientCredentials::new("id", "secret"))
+///     .store(FileStore::new("grants"))
+///     .build()?;
+/// let _sweeper = manager.spawn_sweeper(Default::default());
+/// let token = manager.source("user-42")?.access_token().await?;
+/// # let _ = token;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct TokenManager {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    endpoint: Arc<TokenEndpoint>,
+    store: Arc<dyn TokenStore>,
+    leeway: time::Duration,
+    clock: Arc<dyn Clock>,
+    lease_ttl: StdDuration,
+    store_timeout: StdDuration,
+    takeover_after: StdDuration,
+    forced_refresh_interval: StdDuration,
+    /// Engines in memory, bounded.
+    engines: moka::sync::Cache<String, Arc<Engine>>,
+    /// Engines evicted while something still held them: found again, not duplicated.
+    evicted: Arc<Mutex<HashMap<String, Weak<Engine>>>>,
+    events: EventSink,
+    counters: Counters,
+    /// A fleet-wide pause after a `429` (the monotonic instant it ends).
+    paused_until: Mutex<Option<tokio::time::Instant>>,
+}
+
+impl fmt::Debug for TokenManager {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenManager")
+            .field("provider", &self.shared.endpoint.profile().name)
+            .field("store", &self.shared.store)
+            .field("loaded", &self.shared.engines.entry_count())
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    engines_created: AtomicU64,
+    sweeps: AtomicU64,
+    swept: AtomicU64,
+    sweep_failures: AtomicU64,
+}
+
+/// Configures a [`TokenManager`].
+#[derive(Debug)]
+pub struct ManagerBuilder {
+    profile: ProviderProfile,
+    credentials: ClientCredentials,
+    store: Option<Arc<dyn TokenStore>>,
+    leeway: time::Duration,
+    clock: Arc<dyn Clock>,
+    capacity: u64,
+    idle: StdDuration,
+    lease_ttl: Option<StdDuration>,
+    store_timeout: StdDuration,
+}
+
+/// The default number of grants kept in memory.
+pub(crate) const DEFAULT_CAPACITY: u64 = 10_000;
+/// The default idle time after which a grant leaves memory.
+pub(crate) const DEFAULT_IDLE: StdDuration = StdDuration::from_secs(3600);
+
+impl ManagerBuilder {
+    /// Where the grants live (default: a new [`MemoryStore`]).
+    pub fn store(mut self, store: impl TokenStore) -> Self {
+        self.store = Some(Arc::new(store));
+        self
+    }
+
+    /// A store shared with other users of it.
+    pub fn shared_store(mut self, store: Arc<dyn TokenStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// How long before expiry a token counts as stale (see [`crate::Builder::leeway`]).
+    pub fn leeway(mut self, leeway: StdDuration) -> Self {
+        self.leeway = time::Duration::try_from(leeway).unwrap_or(time::Duration::MAX);
+        self
+    }
+
+    /// The clock (tests: [`crate::ManualClock`]).
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// How many grants are kept in memory at most (default 10,000). Others are read from
+    /// the store again when used.
+    pub fn capacity(mut self, capacity: u64) -> Self {
+        self.capacity = capacity;
+        self
+    }
+
+    /// How long an unused grant stays in memory (default an hour).
+    pub fn idle_eviction(mut self, idle: StdDuration) -> Self {
+        self.idle = idle;
+        self
+    }
+
+    /// The store lease's ttl (see [`crate::Builder::lease_ttl`]).
+    pub fn lease_ttl(mut self, ttl: StdDuration) -> Self {
+        self.lease_ttl = Some(ttl);
+        self
+    }
+
+    /// The bound on one store call (see [`crate::Builder::store_timeout`]).
+    pub fn store_timeout(mut self, timeout: StdDuration) -> Self {
+        self.store_timeout = timeout;
+        self
+    }
+
+    /// Builds the manager. The same checks as [`crate::Builder::build`].
+    pub fn build(self) -> Result<TokenManager, Error> {
+        // One source's checks, once: the same rules for every grant.
+        let probe = RefreshingTokenSource::builder(self.profile.clone(), self.credentials.clone())
+            .shared_store(Arc::new(MemoryStore::new()))
+            .store_timeout(self.store_timeout);
+        let probe = match self.lease_ttl {
+            Some(ttl) => probe.lease_ttl(ttl),
+            None => probe,
+        };
+        probe.build()?;
+        if self.capacity == 0 {
+            return Err(Error::Config(
+                "the manager's capacity must be at least 1".into(),
+            ));
+        }
+        let lease_ttl = self
+            .lease_ttl
+            .unwrap_or_else(|| default_lease_ttl(&self.profile));
+        let evicted: Arc<Mutex<HashMap<String, Weak<Engine>>>> = Arc::default();
+        let engines = moka::sync::Cache::builder()
+            .max_capacity(self.capacity)
+            .time_to_idle(self.idle)
+            .eviction_listener({
+                let evicted = Arc::clone(&evicted);
+                move |key: Arc<String>, engine: Arc<Engine>, _| {
+                    // Still held (a handle, a flight, a save being retried): remember it,
+                    // so that the next use finds it instead of a second engine.
+                    if Arc::strong_count(&engine) > 1 {
+                        lock(&evicted).insert((*key).clone(), Arc::downgrade(&engine));
+                    }
+                }
+            })
+            .build();
+        let (events, _) = tokio::sync::broadcast::channel(1024);
+        Ok(TokenManager {
+            shared: Arc::new(Shared {
+                endpoint: Arc::new(TokenEndpoint::new(self.profile, self.credentials)?),
+                store: self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),
+                leeway: self.leeway,
+                clock: self.clock,
+                lease_ttl,
+                store_timeout: self.store_timeout,
+                takeover_after: crate::refresh::DEFAULT_TAKEOVER_AFTER,
+                forced_refresh_interval: crate::refresh::DEFAULT_FORCED_REFRESH_INTERVAL,
+                engines,
+                evicted,
+                events,
+                counters: Counters::default(),
+                paused_until: Mutex::new(None),
+            }),
+        })
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl TokenManager {
+    /// Starts configuring a manager for `profile`'s provider, as `credentials`' client.
+    pub fn builder(profile: ProviderProfile, credentials: ClientCredentials) -> ManagerBuilder {
+        ManagerBuilder {
+            profile,
+            credentials,
+            store: None,
+            leeway: DEFAULT_LEEWAY,
+            clock: Arc::new(SystemClock),
+            capacity: DEFAULT_CAPACITY,
+            idle: DEFAULT_IDLE,
+            lease_ttl: None,
+            store_timeout: DEFAULT_STORE_TIMEOUT,
+        }
+    }
+
+    /// The grant stored under `key`, as a source: cheap (a reference count), and every
+    /// handle for one key shares one engine while any is in use. Nothing is read until
+    /// the first token request. Fails only for a key the store cannot hold.
+    pub fn source(&self, key: &str) -> Result<RefreshingTokenSource, Error> {
+        Ok(RefreshingTokenSource {
+            inner: self.engine(key)?,
+        })
+    }
+
+    fn engine(&self, key: &str) -> Result<Arc<Engine>, Error> {
+        let shared = &self.shared;
+        if let Some(engine) = shared.engines.get(key) {
+            return Ok(engine);
+        }
+        shared
+            .store
+            .check_key(key)
+            .map_err(|e| Error::Config(format!("the store cannot hold this key: {e}")))?;
+        Ok(shared.engines.get_with(key.to_owned(), || {
+            let held = lock(&shared.evicted)
+                .remove(key)
+                .and_then(|weak| weak.upgrade());
+            held.unwrap_or_else(|| {
+                shared
+                    .counters
+                    .engines_created
+                    .fetch_add(1, Ordering::Relaxed);
+                Arc::new(Engine::new(
+                    Arc::clone(&shared.endpoint),
+                    Arc::clone(&shared.store),
+                    key.to_owned(),
+                    None,
+                    shared.leeway,
+                    Arc::clone(&shared.clock),
+                    Timing {
+                        lease_ttl: shared.lease_ttl,
+                        store_timeout: shared.store_timeout,
+                        takeover_after: shared.takeover_after,
+                        forced_refresh_interval: shared.forced_refresh_interval,
+                    },
+                    Some(shared.events.clone()),
+                ))
+            })
+        }))
+    }
+
+    /// Every event of every grant from now on. A receiver that falls more than 1,024
+    /// events behind loses the oldest (`RecvError::Lagged`).
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Event> {
+        self.shared.events.subscribe()
+    }
+
+    /// A health snapshot of the manager.
+    pub fn status(&self) -> ManagerStatus {
+        let shared = &self.shared;
+        shared.engines.run_pending_tasks();
+        let counters = &shared.counters;
+        ManagerStatus {
+            loaded: shared.engines.entry_count(),
+            engines_created: counters.engines_created.load(Ordering::Relaxed),
+            sweeps: counters.sweeps.load(Ordering::Relaxed),
+            swept: counters.swept.load(Ordering::Relaxed),
+            sweep_failures: counters.sweep_failures.load(Ordering::Relaxed),
+        }
+    }
+
+    /// One sweep: rotates, once, every stored grant whose refresh token is due for
+    /// keep-alive within `options.horizon` (at most `options.batch` of them), with at
+    /// most `options.concurrency` refreshes at a time. Returns how many were kept alive;
+    /// [`spawn_sweeper`](Self::spawn_sweeper) calls it on schedule. A `429` pauses the
+    /// whole sweep (this and the next ones) for its `Retry-After`.
+    pub async fn sweep(&self, options: &SweepOptions) -> Result<usize, Error> {
+        let shared = &self.shared;
+        shared.counters.sweeps.fetch_add(1, Ordering::Relaxed);
+        let until = shared.clock.now()
+            + time::Duration::try_from(options.horizon).unwrap_or(time::Duration::ZERO);
+        let keys = shared
+            .store
+            .due(until, options.batch)
+            .await
+            .map_err(Error::Storage)?;
+        let permits = Arc::new(tokio::sync::Semaphore::new(options.concurrency.max(1)));
+        let mut tasks = tokio::task::JoinSet::new();
+        for key in keys {
+            self.wait_out_pause().await;
+            let permit = Arc::clone(&permits)
+                .acquire_owned()
+                .await
+                .map_err(|_| Error::transient(TransientKind::Interrupted, None))?;
+            let manager = self.clone();
+            tasks.spawn(async move {
+                let _permit = permit;
+                let outcome = match manager.engine(&key) {
+                    Ok(engine) => engine.refresh_now(Reason::KeepAlive).await.map(drop),
+                    Err(e) => Err(e),
+                };
+                manager.after_sweep(&key, &outcome);
+                outcome.is_ok()
+            });
+        }
+        let mut kept = 0;
+        while let Some(done) = tasks.join_next().await {
+            kept += usize::from(done.unwrap_or(false));
+        }
+        // Evicted engines nobody holds any more.
+        lock(&shared.evicted).retain(|_, weak| weak.strong_count() > 0);
+        Ok(kept)
+    }
+
+    fn after_sweep(&self, key: &str, outcome: &Result<(), Error>) {
+        let counters = &self.shared.counters;
+        match outcome {
+            Ok(()) => {
+                counters.swept.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                counters.sweep_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(key = %key, error = %e, "keeping a grant alive failed");
+                if let Error::Transient {
+                    kind: TransientKind::RateLimited,
+                    retry_after,
+                    ..
+                } = e
+                {
+                    let wait = retry_after.unwrap_or(StdDuration::from_secs(60));
+                    let until = tokio::time::Instant::now() + wait;
+                    let mut paused = lock(&self.shared.paused_until);
+                    *paused = Some(paused.map_or(until, |p| p.max(until)));
+                }
+            }
+        }
+    }
+
+    async fn wait_out_pause(&self) {
+        let until = *lock(&self.shared.paused_until);
+        if let Some(until) = until {
+            tokio::time::sleep_until(until).await;
+        }
+    }
+
+    /// Sweeps every `options.interval` until the manager (every clone) is dropped or the
+    /// task is stopped.
+    pub fn spawn_sweeper(&self, options: SweepOptions) -> crate::BackgroundTask {
+        let weak = Arc::downgrade(&self.shared);
+        let task = tokio::spawn(async move {
+            loop {
+                let Some(shared) = weak.upgrade() else { return };
+                let manager = TokenManager { shared };
+                match manager.sweep(&options).await {
+                    Ok(kept) if kept > 0 => tracing::info!(kept, "kept grants alive"),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "a sweep failed"),
+                }
+                drop(manager);
+                tokio::time::sleep(options.interval).await;
+            }
+        });
+        crate::BackgroundTask::new(task)
+    }
+}
+
+/// How [`TokenManager::sweep`] works.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct SweepOptions {
+    /// Between sweeps (default 5 minutes).
+    pub interval: StdDuration,
+    /// Grants due within this much time are kept alive now (default an hour).
+    pub horizon: StdDuration,
+    /// The most grants one sweep handles (default 10,000).
+    pub batch: usize,
+    /// The most refreshes at a time (default 16).
+    pub concurrency: usize,
+}
+
+impl SweepOptions {
+    /// Sets [`interval`](Self::interval).
+    pub fn interval(mut self, interval: StdDuration) -> Self {
+        self.interval = interval;
+        self
+    }
+
+    /// Sets [`horizon`](Self::horizon).
+    pub fn horizon(mut self, horizon: StdDuration) -> Self {
+        self.horizon = horizon;
+        self
+    }
+
+    /// Sets [`batch`](Self::batch).
+    pub fn batch(mut self, batch: usize) -> Self {
+        self.batch = batch;
+        self
+    }
+
+    /// Sets [`concurrency`](Self::concurrency).
+    pub fn concurrency(mut self, concurrency: usize) -> Self {
+        self.concurrency = concurrency;
+        self
+    }
+}
+
+impl Default for SweepOptions {
+    fn default() -> Self {
+        Self {
+            interval: StdDuration::from_secs(300),
+            horizon: StdDuration::from_secs(3600),
+            batch: 10_000,
+            concurrency: 16,
+        }
+    }
+}
+
+/// A manager's health snapshot.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ManagerStatus {
+    /// Grants in memory now.
+    pub loaded: u64,
+    /// Engines created (first uses, and uses after eviction).
+    pub engines_created: u64,
+    /// Sweeps run.
+    pub sweeps: u64,
+    /// Grants kept alive by sweeps.
+    pub swept: u64,
+    /// Grants a sweep failed to keep alive (retried at the next sweep).
+    pub sweep_failures: u64,
+}
