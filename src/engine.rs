@@ -70,6 +70,9 @@ pub(crate) enum Reason {
 pub(crate) enum Job {
     /// Adopt a fresh stored set, or refresh under the lease.
     Refresh(Reason),
+    /// Refresh under the lease asking for these scopes (a downscoped token), keeping the
+    /// full-scope token stored.
+    Scoped(Vec<String>),
     /// Only read the store (no lease, no request): adopt a fresh set another process
     /// saved, or pick up a re-imported grant; otherwise answer `fallback`.
     Look {
@@ -79,6 +82,17 @@ pub(crate) enum Job {
 }
 
 type Flight = Shared<BoxFuture<'static, Outcome>>;
+
+/// How many scope sets keep a downscoped token per grant.
+pub(crate) const SCOPED_KEPT: usize = 8;
+
+/// A downscoped token and its flight, for one scope set.
+struct ScopedEntry {
+    /// Sorted, without duplicates.
+    scope: Vec<String>,
+    cached: Option<Arc<Cached>>,
+    flight: Option<(u64, Flight)>,
+}
 
 /// The one flight in progress, numbered so that only its own task clears it.
 #[derive(Default)]
@@ -111,6 +125,9 @@ pub(crate) struct Engine {
     /// The published access token: the hot path reads only this.
     pub(crate) cache: ArcSwapOption<Cached>,
     flight: Mutex<FlightSlot>,
+    /// Downscoped tokens by scope set, each with its own flight (see
+    /// [`Engine::access_token_for`]); at most [`SCOPED_KEPT`].
+    scoped: Mutex<Vec<ScopedEntry>>,
     state: Mutex<State>,
     /// Where events go (a manager's channel), if anywhere.
     events: Option<EventSink>,
@@ -140,6 +157,7 @@ impl Engine {
             timing,
             cache: ArcSwapOption::empty(),
             flight: Mutex::new(FlightSlot::default()),
+            scoped: Mutex::new(Vec::new()),
             state: Mutex::new(State::default()),
         }
     }
@@ -385,6 +403,14 @@ impl Engine {
     fn spawn_job(self: &Arc<Self>, slot: &mut FlightSlot, job: Job) -> Flight {
         slot.serial = slot.serial.wrapping_add(1);
         let serial = slot.serial;
+        let flight = self.spawn_flight(serial, job);
+        slot.current = Some((serial, flight.clone()));
+        flight
+    }
+
+    /// Spawns the task of flight number `serial` (unique per engine); its slot is the
+    /// caller's to keep.
+    fn spawn_flight(self: &Arc<Self>, serial: u64, job: Job) -> Flight {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let inner = Arc::clone(self);
         let epoch = self.state().epoch;
@@ -396,14 +422,12 @@ impl Engine {
             };
             inner.fly(job, serial, tx).await;
         }));
-        let flight = async move {
+        async move {
             rx.await
                 .unwrap_or_else(|_| Err(Error::transient(TransientKind::Interrupted, None)))
         }
         .boxed()
-        .shared();
-        slot.current = Some((serial, flight.clone()));
-        flight
+        .shared()
     }
 
     /// The flight's task: runs the job (a panic anywhere in it becomes an error), settles
@@ -450,6 +474,110 @@ impl Engine {
         if slot.current.as_ref().is_some_and(|(s, _)| *s == serial) {
             slot.current = None;
         }
+        drop(slot);
+        for entry in lock(&self.scoped).iter_mut() {
+            if entry.flight.as_ref().is_some_and(|(s, _)| *s == serial) {
+                entry.flight = None;
+            }
+        }
+    }
+
+    /// A token for `scope` only (a subset of the grant's scopes: Autodesk's viewer
+    /// tokens): cached per scope set; otherwise one refresh under the lease asking for
+    /// that scope, whose new refresh token is saved with the full-scope access token
+    /// (see ARCHITECTURE.md).
+    pub(crate) async fn access_token_for(self: &Arc<Self>, scope: &[&str]) -> Outcome {
+        let profile = self.endpoint.profile();
+        if profile.refresh_token_narrows_with_scope {
+            return Err(Error::Config(format!(
+                "the {} profile's refresh tokens narrow with the scope: a downscoped refresh would consume the grant's full refresh token; keep the narrow grant under its own key (its own consent)",
+                profile.name
+            )));
+        }
+        let mut scope: Vec<String> = scope.iter().map(|s| (*s).to_owned()).collect();
+        scope.sort();
+        scope.dedup();
+        if scope.is_empty() {
+            return Err(Error::Config(
+                "a downscoped token needs at least one scope".into(),
+            ));
+        }
+        let flight = {
+            let mut slot = self.flight();
+            let mut scoped = lock(&self.scoped);
+            let now = self.clock.now();
+            let position = scoped.iter().position(|e| e.scope == scope);
+            if let Some(entry) = position.map(|i| &scoped[i]) {
+                if let Some(cached) = &entry.cached
+                    && cached.freshness(now) == Freshness::Fresh
+                {
+                    return Ok(cached.token.clone());
+                }
+                if let Some((_, running)) = &entry.flight {
+                    running.clone()
+                } else {
+                    drop(scoped);
+                    self.start_scoped(&mut slot, scope)?
+                }
+            } else {
+                if scoped.len() >= SCOPED_KEPT
+                    && let Some(idle) = scoped.iter().position(|e| e.flight.is_none())
+                {
+                    scoped.remove(idle);
+                }
+                scoped.push(ScopedEntry {
+                    scope: scope.clone(),
+                    cached: None,
+                    flight: None,
+                });
+                drop(scoped);
+                self.start_scoped(&mut slot, scope)?
+            }
+        };
+        flight.await
+    }
+
+    /// Starts the downscoped flight for `scope`, if the gate lets a refresh start.
+    fn start_scoped(
+        self: &Arc<Self>,
+        slot: &mut FlightSlot,
+        scope: Vec<String>,
+    ) -> Result<Flight, Error> {
+        match self.gate(Reason::AccessToken) {
+            Gate::Go => {}
+            Gate::Look(e) | Gate::Refuse(e) => return Err(e),
+        }
+        slot.serial = slot.serial.wrapping_add(1);
+        let serial = slot.serial;
+        let flight = self.spawn_flight(serial, Job::Scoped(scope.clone()));
+        if let Some(entry) = lock(&self.scoped).iter_mut().find(|e| e.scope == scope) {
+            entry.flight = Some((serial, flight.clone()));
+        }
+        Ok(flight)
+    }
+
+    /// Caches a downscoped token for `scope`.
+    pub(crate) fn publish_scoped(&self, scope: &[String], set: &TokenSet) -> Option<AccessToken> {
+        if flight_is_stale(&self.state()) {
+            return None;
+        }
+        let cached = Arc::new(self.cached_of(set)?);
+        let token = cached.token.clone();
+        let mut scoped = lock(&self.scoped);
+        match scoped.iter_mut().find(|e| e.scope == scope) {
+            Some(entry) => entry.cached = Some(cached),
+            None => {
+                if scoped.len() >= SCOPED_KEPT {
+                    scoped.remove(0);
+                }
+                scoped.push(ScopedEntry {
+                    scope: scope.to_vec(),
+                    cached: Some(cached),
+                    flight: None,
+                });
+            }
+        }
+        Some(token)
     }
 
     /// Records a flight's outcome: counters, the last error, the spacing of the next
@@ -514,17 +642,24 @@ impl Engine {
         if flight_is_stale(&self.state()) {
             return None;
         }
+        let cached = self.cached_of(set)?;
+        let token = cached.token.clone();
+        self.cache.store(Some(Arc::new(cached)));
+        Some(token)
+    }
+
+    /// What the hot path needs of `set`, if it holds an access token.
+    fn cached_of(&self, set: &TokenSet) -> Option<Cached> {
         let token = set.access_token.clone()?;
         let stale_at = set.stale_at(self.leeway);
-        self.cache.store(Some(Arc::new(Cached {
-            token: token.clone(),
+        Some(Cached {
+            token,
             fresh_until: self.monotonic_deadline(stale_at),
             stale_at,
             expires_at: set.expires_at,
             keep_alive_at: set.keep_alive_at(),
             refresh_expires_at: set.refresh_expires_at,
-        })));
-        Some(token)
+        })
     }
 
     /// Whether a refresh forced by a rejected token may be sent now.
@@ -533,6 +668,10 @@ impl Engine {
             self.now().saturating_duration_since(at) >= self.timing.forced_refresh_interval
         })
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 tokio::task_local! {

@@ -29,6 +29,8 @@ pub(crate) struct TokenEndpoint {
 pub(crate) enum GrantRequest<'a> {
     /// `grant_type=refresh_token`, at the token URL, with the profile's refresh scope.
     Refresh(&'a RefreshToken),
+    /// `grant_type=refresh_token` asking for these scopes (a downscoped token).
+    RefreshScoped(&'a RefreshToken, &'a [String]),
     /// `grant_type=authorization_code`, at the code-exchange URL.
     AuthorizationCode {
         code: &'a str,
@@ -44,7 +46,9 @@ impl GrantRequest<'_> {
     /// The secrets this request carries, scrubbed from any error text.
     fn secrets(&self) -> Vec<&str> {
         match *self {
-            GrantRequest::Refresh(token) => vec![token.secret()],
+            GrantRequest::Refresh(token) | GrantRequest::RefreshScoped(token, _) => {
+                vec![token.secret()]
+            }
             GrantRequest::AuthorizationCode { code, verifier, .. } => {
                 [Some(code), verifier].into_iter().flatten().collect()
             }
@@ -96,15 +100,20 @@ impl TokenEndpoint {
         &self.credentials
     }
 
-    /// Presents `refresh_token` once. `now` is the clock's reading as the request is sent
+    /// Presents `refresh_token` once, asking for `scope` when given (a downscoped token)
+    /// or the profile's refresh scope. `now` is the clock's reading as the request is sent
     /// (for rate-limit reset instants).
     pub(crate) async fn refresh(
         &self,
         refresh_token: &RefreshToken,
+        scope: Option<&[String]>,
         now: OffsetDateTime,
     ) -> Result<TokenResponse, RefreshFailure> {
-        self.request(GrantRequest::Refresh(refresh_token), now)
-            .await
+        let grant = match scope {
+            Some(scope) => GrantRequest::RefreshScoped(refresh_token, scope),
+            None => GrantRequest::Refresh(refresh_token),
+        };
+        self.request(grant, now).await
     }
 
     /// Sends one token request for `grant` and classifies the answer.
@@ -265,7 +274,15 @@ impl TokenEndpoint {
                     ("grant_type", "refresh_token"),
                     ("refresh_token", token.secret()),
                 ],
-                profile.refresh_scope.as_ref(),
+                profile.refresh_scope.as_deref(),
+            ),
+            GrantRequest::RefreshScoped(token, scope) => (
+                &profile.token_url,
+                vec![
+                    ("grant_type", "refresh_token"),
+                    ("refresh_token", token.secret()),
+                ],
+                Some(scope),
             ),
             GrantRequest::AuthorizationCode {
                 code,
@@ -307,7 +324,7 @@ impl TokenEndpoint {
                     .map(|(k, v)| (k.to_owned(), v.into()))
                     .collect();
                 if let Some(scope) = scope {
-                    body.insert("scope".into(), scope.clone().into());
+                    body.insert("scope".into(), scope.to_vec().into());
                 }
                 request.json(&body)
             }

@@ -112,6 +112,7 @@ impl Engine {
     /// is left unsaved, the lease still held for [`Engine::persist`].
     pub(crate) async fn run(self: &std::sync::Arc<Self>, job: Job) -> (Outcome, Option<HeldLease>) {
         match job {
+            Job::Scoped(scope) => self.refresh_scoped(&scope).await,
             Job::Look { fallback } => match self.look(fallback).await {
                 Ok(Some(token)) => (Ok(token), None),
                 Ok(None) => self.refresh(Reason::AccessToken).await,
@@ -219,6 +220,17 @@ impl Engine {
     }
 
     /// Steps 1 to 8, under the lease. Returns the lease when a rotated set is left unsaved.
+    /// A downscoped refresh: the lease, then steps 2 to 8 asking for `scope`. Nothing
+    /// stored is adopted: the stored set holds the full-scope token.
+    async fn refresh_scoped(&self, scope: &[String]) -> (Outcome, Option<HeldLease>) {
+        let held = match self.acquire().await {
+            Ok(held) => held,
+            Err(e) => return (Err(e), None),
+        };
+        self.finish_under_lease(held, Reason::AccessToken, Some(scope))
+            .await
+    }
+
     async fn refresh(self: &std::sync::Arc<Self>, reason: Reason) -> (Outcome, Option<HeldLease>) {
         // Step 1. While waiting for the lease, watch the store: the holder may save a
         // fresh set, which this source adopts at once (the lease, if it comes, is then
@@ -251,8 +263,19 @@ impl Engine {
                 }
             }
         };
+        self.finish_under_lease(held, reason, None).await
+    }
+
+    /// Steps 2 to 8 under `held`; then the lease is given back, unless a rotated set is
+    /// left unsaved (it is returned for [`Engine::persist`]).
+    async fn finish_under_lease(
+        &self,
+        held: HeldLease,
+        reason: Reason,
+        scope: Option<&[String]>,
+    ) -> (Outcome, Option<HeldLease>) {
         // A panic under the lease must not release it while a rotated set is unsaved.
-        let outcome = std::panic::AssertUnwindSafe(self.under_lease(&held, reason));
+        let outcome = std::panic::AssertUnwindSafe(self.under_lease(&held, reason, scope));
         let outcome = match futures_util::FutureExt::catch_unwind(outcome).await {
             Ok(outcome) => outcome,
             Err(_) => Err(Error::panicked()),
@@ -264,7 +287,15 @@ impl Engine {
         (outcome, None)
     }
 
-    async fn under_lease(&self, held: &HeldLease, reason: Reason) -> Outcome {
+    /// Steps 2 to 8. With `scope`, the refresh asks for a downscoped access token: it is
+    /// returned (and cached apart), while the stored set keeps the full-scope access
+    /// token and takes the new refresh token (see [`Engine::access_token_for`]).
+    async fn under_lease(
+        &self,
+        held: &HeldLease,
+        reason: Reason,
+        scope: Option<&[String]>,
+    ) -> Outcome {
         // A revoke or an import replaced the grant since this flight started: it must
         // not present the new grant's token on the old one's behalf (it could neither
         // publish nor keep the answer). The caller's next call starts a new flight.
@@ -274,7 +305,9 @@ impl Engine {
         // Step 2.
         let stored = held.op(self.store.load(&self.key)).await?;
         let (mut current, mut version) = self.current(held, stored).await?;
-        if let Some(token) = self.adoptable(&current, reason) {
+        if scope.is_none()
+            && let Some(token) = self.adoptable(&current, reason)
+        {
             return Ok(token);
         }
         let mut retried_rotated = false;
@@ -361,7 +394,7 @@ impl Engine {
             let sent_at = self.clock.now();
             tracing::debug!(key = %self.key, provider = %self.endpoint.profile().name, forced, "refreshing");
             let answer = held
-                .during(self.endpoint.refresh(&refresh_token, sent_at))
+                .during(self.endpoint.refresh(&refresh_token, scope, sent_at))
                 .await;
             match answer {
                 // Step 6.
@@ -373,9 +406,49 @@ impl Engine {
                         sent_at,
                         self.clock.now(),
                     );
-                    return self
-                        .save_rotated(held, next, version, sent_at, Some(refresh_token), reason)
-                        .await;
+                    let Some(scope) = scope else {
+                        self.save_rotated(
+                            held,
+                            &next,
+                            version,
+                            sent_at,
+                            Some(refresh_token),
+                            reason,
+                        )
+                        .await?;
+                        return self.publish(&next).ok_or_else(|| Error::InvalidResponse {
+                            reason: "the token response holds no access token".into(),
+                        });
+                    };
+                    // Downscoped: the new refresh token is kept with the full-scope
+                    // access token (still valid, unless the provider kills it with
+                    // every refresh, or the API rejected it); the narrow token is the
+                    // caller's alone.
+                    let mut kept = next.clone();
+                    let full_survives = !self.endpoint.profile().refresh_invalidates_access_token
+                        && self.state().rejected_access != current.access_token;
+                    if full_survives {
+                        kept.access_token = current.access_token.clone();
+                        kept.token_type = current.token_type.clone();
+                        kept.expires_at = current.expires_at;
+                        kept.scopes = current.scopes.clone();
+                        kept.obtained_at = current.obtained_at;
+                    } else {
+                        kept.access_token = None;
+                        kept.expires_at = None;
+                    }
+                    self.save_rotated(held, &kept, version, sent_at, Some(refresh_token), reason)
+                        .await?;
+                    if kept.access_token.is_some() {
+                        self.publish(&kept);
+                    } else {
+                        self.cache.store(None);
+                    }
+                    return self.publish_scoped(scope, &next).ok_or_else(|| {
+                        Error::InvalidResponse {
+                            reason: "the token response holds no access token".into(),
+                        }
+                    });
                 }
                 // Step 7.
                 Err(RefreshFailure::InvalidGrant(provider)) => {
@@ -386,7 +459,9 @@ impl Engine {
                         if rotated {
                             tracing::info!(key = %self.key, "refresh token was rotated by another writer; adopting it");
                             self.state().metrics.rotations_adopted += 1;
-                            if let Some(token) = self.adoptable(&stored.value, reason) {
+                            if scope.is_none()
+                                && let Some(token) = self.adoptable(&stored.value, reason)
+                            {
                                 return Ok(token);
                             }
                             if !retried_rotated {
@@ -416,7 +491,11 @@ impl Engine {
                 // Step 8: nothing is discarded; the caller decides from the error.
                 Err(RefreshFailure::Other(mut e)) => {
                     tracing::warn!(key = %self.key, error = %e, "refresh failed; tokens kept");
-                    self.provider_failed(&mut e);
+                    // A scope the grant does not cover is that request's mistake, not
+                    // the provider's trouble: it spaces nothing else.
+                    if !(scope.is_some() && matches!(e, Error::RequestRejected { .. })) {
+                        self.provider_failed(&mut e);
+                    }
                     self.take_back_record(held, current, version).await;
                     return Err(e);
                 }
@@ -630,18 +709,18 @@ impl Engine {
         Ok(())
     }
 
-    /// Step 6: the rotated set is kept in memory before anything else, saved over the
-    /// write-ahead version, and published. A failed save leaves it in `unsaved`; the
-    /// flight's task then keeps the lease and retries.
+    /// Step 6: the rotated set is kept in memory before anything else and saved over the
+    /// write-ahead version (the caller publishes it). A failed save leaves it in
+    /// `unsaved`; the flight's task then keeps the lease and retries.
     async fn save_rotated(
         &self,
         held: &HeldLease,
-        next: TokenSet,
+        next: &TokenSet,
         version: Option<u64>,
         sent_at: OffsetDateTime,
         presented: Option<RefreshToken>,
         reason: Reason,
-    ) -> Outcome {
+    ) -> Result<(), Error> {
         let presented_rotated = presented
             .as_ref()
             .is_some_and(|used| next.refresh_token.as_ref() != Some(used));
@@ -679,18 +758,16 @@ impl Engine {
             self.emit(EventKind::KeepAlive);
         }
         match held
-            .op(self.store.save(&self.key, &next, version, held.lease()))
+            .op(self.store.save(&self.key, next, version, held.lease()))
             .await
         {
-            Ok(_) => self.saved(&next),
+            Ok(_) => self.saved(next),
             Err(e) => {
                 tracing::error!(key = %self.key, error = %e, "the refreshed token set could not be saved; keeping the key locked and retrying");
                 self.state().metrics.failed_saves += 1;
             }
         }
-        self.publish(&next).ok_or_else(|| Error::InvalidResponse {
-            reason: "the token response holds no access token".into(),
-        })
+        Ok(())
     }
 
     /// Retries saving the unsaved rotated set until it is saved, found saved, or

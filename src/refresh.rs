@@ -370,6 +370,21 @@ impl RefreshingTokenSource {
         }
     }
 
+    /// An access token for `scope` only, a subset of the grant's scopes (Autodesk's
+    /// viewer case: a `viewables:read` token handed to a browser while the full-scope
+    /// token stays with the server). Cached per scope set (a few sets per grant); when
+    /// none is fresh, one refresh under the grant's lease asks for `scope`: its access
+    /// token is returned, and its new refresh token is saved with the compare-and-swap
+    /// beside the full-scope access token, which stays valid and cached (unless the
+    /// profile says a refresh kills it). Each downscoped refresh rotates the refresh
+    /// token once. A scope outside the grant is the provider's `invalid_scope`
+    /// ([`Error::RequestRejected`]); a profile whose refresh tokens narrow with the scope
+    /// ([`ProviderProfile::refresh_token_narrows_with_scope`]) is refused with
+    /// [`Error::Config`].
+    pub async fn access_token_for(&self, scope: &[&str]) -> Result<AccessToken, Error> {
+        self.inner.access_token_for(scope).await
+    }
+
     /// Forgets `rejected` if it is still the current token: see [`TokenSource::invalidate`].
     /// The next call reloads the store first (another replica may have refreshed), and
     /// refreshes only if the store holds nothing newer and no forced refresh ran within

@@ -124,6 +124,10 @@ pub struct ProviderProfile {
     pub rotation: Rotation,
     /// Whether a refresh kills the previous access token (Lucid).
     pub refresh_invalidates_access_token: bool,
+    /// Whether a refresh asking for fewer scopes returns a refresh token narrowed to
+    /// them (some servers do; Autodesk's keeps the full grant). Then
+    /// `access_token_for` refuses: a narrow grant must be kept under its own key.
+    pub refresh_token_narrows_with_scope: bool,
     /// API statuses that mean "expired or revoked access token" (401; HighQ 403).
     pub expired_token_statuses: Vec<u16>,
     /// Token-endpoint statuses that mean "client credentials rejected" when the body
@@ -250,6 +254,7 @@ impl ProviderProfile {
             refresh_scope: None,
             rotation: Rotation::Unknown,
             refresh_invalidates_access_token: false,
+            refresh_token_narrows_with_scope: false,
             expired_token_statuses: vec![401],
             client_rejected_statuses: vec![401],
             reauthorization_codes: vec!["invalid_grant".into()],
