@@ -592,6 +592,8 @@ impl Engine {
             checked_at: self.now(),
         }));
         state.last_error = Some(Box::new(error));
+        drop(state);
+        self.emit(EventKind::NeedsConsent);
         Ok(())
     }
 

@@ -214,6 +214,14 @@ async fn events_name_the_grant_and_what_happened() {
         .map(|e| e.kind)
         .collect();
     assert_eq!(kinds, [EventKind::NeedsConsent]);
+
+    // A revoked grant needs consent too.
+    manager.source(&key(0)).unwrap().forget().await.unwrap();
+    let kinds: Vec<EventKind> = std::iter::from_fn(|| events.try_recv().ok())
+        .filter(|e| e.key == key(0))
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(kinds, [EventKind::NeedsConsent]);
 }
 
 /// One engine per key while anything holds it: a handle kept across its grant's
