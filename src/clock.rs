@@ -9,14 +9,17 @@ use time::{Duration, OffsetDateTime};
 /// A source of the current UTC time.
 ///
 /// Expiries are absolute instants compared with this clock. Implementations must be cheap:
-/// [`TokenSource::access_token`](crate::TokenSource::access_token) reads the clock once per call.
+/// [`TokenSource::access_token`](crate::TokenSource::access_token) reads the monotonic
+/// clock once per call, and the wall clock at least every 10 s of monotonic time (or when
+/// the token nears its stale point): a wall clock stepped forward, or a monotonic clock
+/// that stood still while the machine slept, is noticed within that window.
 pub trait Clock: Debug + Send + Sync + 'static {
     /// The current time.
     fn now(&self) -> OffsetDateTime;
 
-    /// A monotonic reading, for spacing retries and rate limits: a step of the wall clock
-    /// (NTP, a suspended laptop) never stretches or shortens a wait. Default: tokio's
-    /// clock, which tests can pause.
+    /// A monotonic reading, for the hot path's freshness check and for spacing retries
+    /// and rate limits: a step of the wall clock (NTP) never stretches or shortens a
+    /// wait. Default: tokio's clock, which tests can pause.
     fn monotonic(&self) -> tokio::time::Instant {
         tokio::time::Instant::now()
     }

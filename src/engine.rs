@@ -10,7 +10,7 @@
 //! the dead grant's error at once).
 
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration as StdDuration;
 
 use arc_swap::ArcSwapOption;
@@ -33,7 +33,7 @@ use crate::token::{Freshness, RotationInFlight, TokenSet};
 pub(crate) struct Cached {
     pub(crate) token: AccessToken,
     /// Until when the token is fresh, on the clock's monotonic reading (its stale point,
-    /// counted from publication; far away when the expiry is unknown): the hot path's
+    /// counted from publication, but at most [`MONOTONIC_WINDOW`] ahead): the hot path's
     /// one comparison, without a wall-clock read.
     fresh_until: Instant,
     pub(crate) stale_at: Option<OffsetDateTime>,
@@ -83,6 +83,9 @@ pub(crate) enum Job {
 
 type Flight = Shared<BoxFuture<'static, Outcome>>;
 
+/// The longest the hot path trusts the monotonic clock without a wall-clock reading.
+const MONOTONIC_WINDOW: StdDuration = StdDuration::from_secs(10);
+
 /// How many scope sets keep a downscoped token per grant.
 pub(crate) const SCOPED_KEPT: usize = 8;
 
@@ -131,6 +134,28 @@ pub(crate) struct Engine {
     state: Mutex<State>,
     /// Where events go (a manager's channel), if anywhere.
     events: Option<EventSink>,
+    /// The manager's registry this engine is listed in, if any: it leaves it when
+    /// dropped.
+    pub(crate) registry: Option<Weak<Registry>>,
+}
+
+/// A manager's live engines by key: the one place engines are found or created, so that
+/// a process has one engine per key while anything holds it.
+pub(crate) type Registry = Mutex<std::collections::HashMap<String, Weak<Engine>>>;
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if let Some(registry) = self.registry.as_ref().and_then(Weak::upgrade) {
+            let mut engines = lock(&registry);
+            // Only this engine's own entry (a successor may already be listed).
+            if engines
+                .get(&self.key)
+                .is_some_and(|listed| listed.strong_count() == 0)
+            {
+                engines.remove(&self.key);
+            }
+        }
+    }
 }
 
 impl Engine {
@@ -147,6 +172,7 @@ impl Engine {
     ) -> Self {
         Self {
             events,
+            registry: None,
             endpoint,
             store,
             key,
@@ -315,7 +341,10 @@ impl Engine {
                 return Ok(cached.token.clone());
             }
             match cached.freshness(self.clock.now()) {
-                Freshness::Fresh => return Ok(cached.token.clone()),
+                Freshness::Fresh => {
+                    self.rearm(cached);
+                    return Ok(cached.token.clone());
+                }
                 Freshness::Stale => {
                     self.start_refresh();
                     return Ok(cached.token.clone());
@@ -326,16 +355,38 @@ impl Engine {
         self.wait_for_token().await
     }
 
-    /// The monotonic instant at which the wall-clock instant `at` arrives, by the clock's
-    /// readings now; far away for `None`, now for an instant already past.
+    /// The monotonic instant until which the hot path may trust the monotonic clock
+    /// alone: the wall-clock instant `at` by the clock's readings now (now for an
+    /// instant already past), but at most [`MONOTONIC_WINDOW`] away, so that the wall
+    /// clock is read again at least that often (the monotonic clock stops while the
+    /// machine sleeps, and the wall clock may be corrected forward).
     fn monotonic_deadline(&self, at: Option<OffsetDateTime>) -> Instant {
         let now = self.clock.monotonic();
-        let far = StdDuration::from_secs(100 * 365 * 24 * 3600);
         let left = match at {
-            None => far,
+            None => MONOTONIC_WINDOW,
             Some(at) => StdDuration::try_from(at - self.clock.now()).unwrap_or(StdDuration::ZERO),
         };
-        now.checked_add(left.min(far)).unwrap_or(now)
+        now.checked_add(left.min(MONOTONIC_WINDOW)).unwrap_or(now)
+    }
+
+    /// The published token, still fresh by the wall clock once its monotonic window has
+    /// passed: published again with a new window (unless something newer was).
+    fn rearm(&self, cached: &Cached) {
+        let current = self.cache.load_full();
+        if current
+            .as_ref()
+            .is_some_and(|c| std::ptr::eq(Arc::as_ptr(c), cached))
+        {
+            let rearmed = Arc::new(Cached {
+                token: cached.token.clone(),
+                fresh_until: self.monotonic_deadline(cached.stale_at),
+                stale_at: cached.stale_at,
+                expires_at: cached.expires_at,
+                keep_alive_at: cached.keep_alive_at,
+                refresh_expires_at: cached.refresh_expires_at,
+            });
+            self.cache.compare_and_swap(&current, Some(rearmed));
+        }
     }
 
     fn start_refresh(self: &Arc<Self>) {

@@ -16,7 +16,8 @@ pub struct Event {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum EventKind {
-    /// This process refreshed the access token (and saved the result).
+    /// This process refreshed the access token (its save may still be being retried: see
+    /// [`crate::RefreshingTokenSource::flush`]).
     Refreshed,
     /// The refresh rotated the refresh token.
     Rotated,
@@ -24,7 +25,9 @@ pub enum EventKind {
     KeepAlive,
     /// This process adopted a token set another process (or task) saved.
     Adopted,
-    /// The grant is dead: a person must consent again (its key names whom to ask).
+    /// The grant is dead (rejected, revoked, or none stored): a person must consent
+    /// again (its key names whom to ask). Sent again by an engine created anew for the
+    /// key after an eviction.
     NeedsConsent,
     /// A grant that was failing (provider or store trouble) works again.
     Recovered,

@@ -15,14 +15,13 @@
 //! ([`TokenStore::due`]) and rotates each once (the protocol adopts what another replica
 //! already rotated), with bounded concurrency and a fleet-wide pause on `429`.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration as StdDuration;
 
 use crate::clock::{Clock, SystemClock};
-use crate::engine::{Engine, Reason, Timing};
+use crate::engine::{Engine, Reason, Registry, Timing};
 use crate::error::{Error, TransientKind};
 use crate::events::{Event, EventSink};
 use crate::http::TokenEndpoint;
@@ -76,14 +75,18 @@ struct Shared {
     store_timeout: StdDuration,
     takeover_after: StdDuration,
     forced_refresh_interval: StdDuration,
-    /// Engines in memory, bounded.
+    /// The engines kept in memory (strong references), bounded by capacity and idle
+    /// time. Finding and creating engines is the registry's job.
     engines: moka::sync::Cache<String, Arc<Engine>>,
-    /// Engines evicted while something still held them: found again, not duplicated.
-    evicted: Arc<Mutex<HashMap<String, Weak<Engine>>>>,
+    /// Every live engine by key (a handle, a flight or the cache holds it): the one place
+    /// engines are found or created.
+    registry: Arc<Registry>,
     events: EventSink,
     counters: Counters,
     /// A fleet-wide pause after a `429` (the monotonic instant it ends).
     paused_until: Mutex<Option<tokio::time::Instant>>,
+    /// Grants a sweep failed to keep alive: failures so far, and when to try again.
+    failing: Mutex<std::collections::HashMap<String, (u32, tokio::time::Instant)>>,
 }
 
 impl fmt::Debug for TokenManager {
@@ -117,6 +120,13 @@ pub struct ManagerBuilder {
     lease_ttl: Option<StdDuration>,
     store_timeout: StdDuration,
 }
+
+/// A grant a sweep failed to keep alive is tried again after this, doubling.
+const SWEEP_RETRY_FIRST: StdDuration = StdDuration::from_secs(30);
+/// ... up to this.
+const SWEEP_RETRY_MAX: StdDuration = StdDuration::from_secs(24 * 3600);
+/// The shortest interval between sweeps.
+const SWEEP_INTERVAL_MIN: StdDuration = StdDuration::from_secs(1);
 
 /// The default number of grants kept in memory.
 pub(crate) const DEFAULT_CAPACITY: u64 = 10_000;
@@ -192,20 +202,9 @@ impl ManagerBuilder {
         let lease_ttl = self
             .lease_ttl
             .unwrap_or_else(|| default_lease_ttl(&self.profile));
-        let evicted: Arc<Mutex<HashMap<String, Weak<Engine>>>> = Arc::default();
         let engines = moka::sync::Cache::builder()
             .max_capacity(self.capacity)
             .time_to_idle(self.idle)
-            .eviction_listener({
-                let evicted = Arc::clone(&evicted);
-                move |key: Arc<String>, engine: Arc<Engine>, _| {
-                    // Still held (a handle, a flight, a save being retried): remember it,
-                    // so that the next use finds it instead of a second engine.
-                    if Arc::strong_count(&engine) > 1 {
-                        lock(&evicted).insert((*key).clone(), Arc::downgrade(&engine));
-                    }
-                }
-            })
             .build();
         let (events, _) = tokio::sync::broadcast::channel(1024);
         Ok(TokenManager {
@@ -219,10 +218,11 @@ impl ManagerBuilder {
                 takeover_after: crate::refresh::DEFAULT_TAKEOVER_AFTER,
                 forced_refresh_interval: crate::refresh::DEFAULT_FORCED_REFRESH_INTERVAL,
                 engines,
-                evicted,
+                registry: Arc::default(),
                 events,
                 counters: Counters::default(),
                 paused_until: Mutex::new(None),
+                failing: Mutex::default(),
             }),
         })
     }
@@ -266,32 +266,41 @@ impl TokenManager {
             .store
             .check_key(key)
             .map_err(|e| Error::Config(format!("the store cannot hold this key: {e}")))?;
-        Ok(shared.engines.get_with(key.to_owned(), || {
-            let held = lock(&shared.evicted)
-                .remove(key)
-                .and_then(|weak| weak.upgrade());
-            held.unwrap_or_else(|| {
-                shared
-                    .counters
-                    .engines_created
-                    .fetch_add(1, Ordering::Relaxed);
-                Arc::new(Engine::new(
-                    Arc::clone(&shared.endpoint),
-                    Arc::clone(&shared.store),
-                    key.to_owned(),
-                    None,
-                    shared.leeway,
-                    Arc::clone(&shared.clock),
-                    Timing {
-                        lease_ttl: shared.lease_ttl,
-                        store_timeout: shared.store_timeout,
-                        takeover_after: shared.takeover_after,
-                        forced_refresh_interval: shared.forced_refresh_interval,
-                    },
-                    Some(shared.events.clone()),
-                ))
-            })
-        }))
+        let engine = {
+            let mut registry = lock(&shared.registry);
+            match registry.get(key).and_then(Weak::upgrade) {
+                Some(live) => live,
+                None => {
+                    shared
+                        .counters
+                        .engines_created
+                        .fetch_add(1, Ordering::Relaxed);
+                    let mut engine = Engine::new(
+                        Arc::clone(&shared.endpoint),
+                        Arc::clone(&shared.store),
+                        key.to_owned(),
+                        None,
+                        shared.leeway,
+                        Arc::clone(&shared.clock),
+                        Timing {
+                            lease_ttl: shared.lease_ttl,
+                            store_timeout: shared.store_timeout,
+                            takeover_after: shared.takeover_after,
+                            forced_refresh_interval: shared.forced_refresh_interval,
+                        },
+                        Some(shared.events.clone()),
+                    );
+                    engine.registry = Some(Arc::downgrade(&shared.registry));
+                    let engine = Arc::new(engine);
+                    registry.insert(key.to_owned(), Arc::downgrade(&engine));
+                    engine
+                }
+            }
+        };
+        // Outside the registry's lock: the cache may drop an evicted engine here, whose
+        // `Drop` takes that lock.
+        shared.engines.insert(key.to_owned(), Arc::clone(&engine));
+        Ok(engine)
     }
 
     /// Every event of every grant from now on. A receiver that falls more than 1,024
@@ -315,28 +324,42 @@ impl TokenManager {
     }
 
     /// One sweep: rotates, once, every stored grant whose refresh token is due for
-    /// keep-alive within `options.horizon` (at most `options.batch` of them), with at
-    /// most `options.concurrency` refreshes at a time. Returns how many were kept alive;
+    /// keep-alive now (at most `options.batch` of them), with at most
+    /// `options.concurrency` refreshes at a time. Returns how many were kept alive;
     /// [`spawn_sweeper`](Self::spawn_sweeper) calls it on schedule. A `429` pauses the
-    /// whole sweep (this and the next ones) for its `Retry-After`.
+    /// whole sweep (this and the next ones) for its `Retry-After`. A grant that failed is
+    /// left out of the next sweeps for a while (1 minute, doubling to a day), so that a
+    /// few stuck grants never crowd out the others.
     pub async fn sweep(&self, options: &SweepOptions) -> Result<usize, Error> {
         let shared = &self.shared;
         shared.counters.sweeps.fetch_add(1, Ordering::Relaxed);
-        let until = shared.clock.now()
-            + time::Duration::try_from(options.horizon).unwrap_or(time::Duration::ZERO);
+        let now = tokio::time::Instant::now();
+        let skipped: std::collections::HashSet<String> = {
+            let mut failing = lock(&shared.failing);
+            failing.retain(|_, (_, retry_at)| *retry_at > now);
+            failing.keys().cloned().collect()
+        };
         let keys = shared
             .store
-            .due(until, options.batch)
+            .due(
+                shared.clock.now(),
+                options.batch.saturating_add(skipped.len()),
+            )
             .await
             .map_err(Error::Storage)?;
         let permits = Arc::new(tokio::sync::Semaphore::new(options.concurrency.max(1)));
         let mut tasks = tokio::task::JoinSet::new();
-        for key in keys {
-            self.wait_out_pause().await;
+        for key in keys
+            .into_iter()
+            .filter(|k| !skipped.contains(k))
+            .take(options.batch)
+        {
             let permit = Arc::clone(&permits)
                 .acquire_owned()
                 .await
                 .map_err(|_| Error::transient(TransientKind::Interrupted, None))?;
+            // After the permit: a 429 answered meanwhile pauses this one too.
+            self.wait_out_pause().await;
             let manager = self.clone();
             tasks.spawn(async move {
                 let _permit = permit;
@@ -352,20 +375,30 @@ impl TokenManager {
         while let Some(done) = tasks.join_next().await {
             kept += usize::from(done.unwrap_or(false));
         }
-        // Evicted engines nobody holds any more.
-        lock(&shared.evicted).retain(|_, weak| weak.strong_count() > 0);
         Ok(kept)
     }
 
     fn after_sweep(&self, key: &str, outcome: &Result<(), Error>) {
-        let counters = &self.shared.counters;
+        let shared = &self.shared;
+        let counters = &shared.counters;
         match outcome {
             Ok(()) => {
                 counters.swept.fetch_add(1, Ordering::Relaxed);
+                lock(&shared.failing).remove(key);
             }
             Err(e) => {
                 counters.sweep_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(key = %key, error = %e, "keeping a grant alive failed");
+                let now = tokio::time::Instant::now();
+                {
+                    let mut failing = lock(&shared.failing);
+                    let failures = failing.get(key).map_or(0, |(n, _)| *n).saturating_add(1);
+                    let wait = SWEEP_RETRY_FIRST
+                        .saturating_mul(1 << failures.min(12))
+                        .min(SWEEP_RETRY_MAX);
+                    let retry_at = now.checked_add(wait).unwrap_or(now);
+                    failing.insert(key.to_owned(), (failures, retry_at));
+                }
                 if let Error::Transient {
                     kind: TransientKind::RateLimited,
                     retry_after,
@@ -373,18 +406,25 @@ impl TokenManager {
                 } = e
                 {
                     let wait = retry_after.unwrap_or(StdDuration::from_secs(60));
-                    let until = tokio::time::Instant::now() + wait;
-                    let mut paused = lock(&self.shared.paused_until);
+                    let until = now.checked_add(wait).unwrap_or(now);
+                    let mut paused = lock(&shared.paused_until);
                     *paused = Some(paused.map_or(until, |p| p.max(until)));
                 }
             }
         }
     }
 
+    /// Waits until no fleet-wide pause is in force (a pause extended meanwhile is
+    /// waited out too).
     async fn wait_out_pause(&self) {
-        let until = *lock(&self.shared.paused_until);
-        if let Some(until) = until {
-            tokio::time::sleep_until(until).await;
+        loop {
+            let until = *lock(&self.shared.paused_until);
+            match until {
+                Some(until) if until > tokio::time::Instant::now() => {
+                    tokio::time::sleep_until(until).await;
+                }
+                _ => return,
+            }
         }
     }
 
@@ -402,7 +442,7 @@ impl TokenManager {
                     Err(e) => tracing::warn!(error = %e, "a sweep failed"),
                 }
                 drop(manager);
-                tokio::time::sleep(options.interval).await;
+                tokio::time::sleep(options.interval.max(SWEEP_INTERVAL_MIN)).await;
             }
         });
         crate::BackgroundTask::new(task)
@@ -413,10 +453,8 @@ impl TokenManager {
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct SweepOptions {
-    /// Between sweeps (default 5 minutes).
+    /// Between sweeps (default 5 minutes; at least a second).
     pub interval: StdDuration,
-    /// Grants due within this much time are kept alive now (default an hour).
-    pub horizon: StdDuration,
     /// The most grants one sweep handles (default 10,000).
     pub batch: usize,
     /// The most refreshes at a time (default 16).
@@ -427,12 +465,6 @@ impl SweepOptions {
     /// Sets [`interval`](Self::interval).
     pub fn interval(mut self, interval: StdDuration) -> Self {
         self.interval = interval;
-        self
-    }
-
-    /// Sets [`horizon`](Self::horizon).
-    pub fn horizon(mut self, horizon: StdDuration) -> Self {
-        self.horizon = horizon;
         self
     }
 
@@ -453,7 +485,6 @@ impl Default for SweepOptions {
     fn default() -> Self {
         Self {
             interval: StdDuration::from_secs(300),
-            horizon: StdDuration::from_secs(3600),
             batch: 10_000,
             concurrency: 16,
         }

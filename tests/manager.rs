@@ -136,7 +136,7 @@ async fn the_sweep_keeps_an_idle_fleet_alive_once_per_window_across_replicas() {
         store.save(&key(i), &set, None, &lease).await.unwrap();
         lease.release().await.unwrap();
     }
-    let options = SweepOptions::default().horizon(Duration::from_secs(3600));
+    let options = SweepOptions::default();
     let mut kept = 0;
     for _day in 0..200 {
         clock.advance(time::Duration::days(1));
@@ -249,4 +249,69 @@ async fn handles_for_one_key_share_one_engine_even_after_eviction() {
     again.invalidate(&token);
     assert_ne!(held.access_token().await.unwrap(), token);
     assert_eq!(sim.counters().reuse_attempts, 0);
+}
+
+/// Many held handles whose grants expire from the cache while other tasks ask for the
+/// same keys: every key keeps one engine (the registry, not the cache, finds them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_lookups_around_evictions_never_duplicate_an_engine() {
+    let sim = Simulator::builder(Mode::Generic).start().await.unwrap();
+    let manager = TokenManager::builder(sim.profile(), sim.credentials())
+        .idle_eviction(Duration::from_millis(20))
+        .capacity(1_000)
+        .build()
+        .unwrap();
+    const KEYS: usize = 20_000;
+    let held: Vec<_> = (0..KEYS)
+        .map(|i| manager.source(&key(i)).unwrap())
+        .collect();
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    let mut lookups = tokio::task::JoinSet::new();
+    for task in 0..4 {
+        let manager = manager.clone();
+        lookups.spawn(async move {
+            for i in 0..KEYS {
+                let _ = manager.source(&key((i + task * 5_000) % KEYS)).unwrap();
+            }
+        });
+    }
+    while let Some(done) = lookups.join_next().await {
+        done.unwrap();
+    }
+    assert_eq!(
+        manager.status().engines_created,
+        KEYS as u64,
+        "one engine per key while the handles live"
+    );
+    drop(held);
+}
+
+/// A grant the sweep failed to keep alive is left out of the next sweeps for a while: a
+/// few stuck grants (earliest due, so first listed) never crowd out the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_grant_does_not_hold_up_the_next_sweeps() {
+    let sim = Simulator::builder(Mode::Generic).start().await.unwrap();
+    let store = MemoryStore::new();
+    let manager = TokenManager::builder(sim.profile(), sim.credentials())
+        .store(store.clone())
+        .build()
+        .unwrap();
+    import(&manager, &sim, 3).await;
+    let imported = |i: usize| store.get(&key(i)).unwrap().value.refresh_token;
+    let before = [imported(0), imported(1)];
+    let options = SweepOptions::default().batch(1);
+    sim.fail_next([tokenkeeper::testing::Fault::ServerError(503)]);
+    assert_eq!(
+        manager.sweep(&options).await.unwrap(),
+        0,
+        "the first grant failed"
+    );
+    assert_eq!(
+        manager.sweep(&options).await.unwrap(),
+        1,
+        "the next one is kept alive"
+    );
+    assert_eq!(imported(0), before[0], "the failing grant waits its turn");
+    assert_ne!(imported(1), before[1], "the second grant was rotated");
+    assert_eq!(manager.status().sweep_failures, 1);
 }

@@ -100,6 +100,22 @@ async fn a_wall_clock_step_does_not_stretch_the_backoff() {
     assert_eq!(fx.sim.counters().requests, 2);
 }
 
+/// A wall clock corrected forward past a token's expiry (or a machine that slept: its
+/// monotonic clock stood still) is noticed within seconds of monotonic time: the hot
+/// path reads the wall clock at least every 10 s, and never serves the expired token
+/// past that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wall_clock_step_forward_is_noticed_within_seconds() {
+    let fx = Fixture::new().await;
+    let a = fx.replica(Some(&fx.sim.issue_grant()), |b| b);
+    let first = a.access_token().await.unwrap();
+    fx.clock.set(fx.clock.now() + time::Duration::hours(3));
+    fx.advance(Duration::from_secs(11));
+    let next = a.access_token().await.unwrap();
+    assert_ne!(next, first, "the expired token is not served");
+    assert_eq!(fx.sim.counters().refreshes, 2);
+}
+
 // Scenario 8: reactive refreshes, tokens expired on receipt, dead grants.
 
 /// Every 401 (or HighQ 403, which may be a plain permission denial) invalidates the
