@@ -14,9 +14,21 @@
 //!
 //! The save script that writes `p` `token:` `k` also adds `k` to `p` `due` (or removes it,
 //! when the new set has no keep-alive instant), in the same script, so the index never
-//! disagrees with the stored sets. Sets saved by versions without the index are not in it
-//! until their next save; a token hash deleted by hand should be removed from `p` `due`
-//! too (`ZREM`), or `due` keeps listing its key.
+//! disagrees with the stored sets. A token hash deleted by hand should be removed from
+//! `p` `due` too (`ZREM`), or `due` keeps listing its key (the sweep then finds nothing to
+//! keep alive).
+//!
+//! # Upgrading from a version without the due index
+//!
+//! Sets saved by a version without `p` `due` are not in it, so [`TokenStore::due`] never
+//! lists them until their next save: an idle grant, the very one a sweep exists for,
+//! would expire. After upgrading every replica, call [`RedisStore::backfill_due`] once
+//! (idempotent, and safe while the store is in use). As
+//! a reminder, the first `due` of each store looks at one `SCAN` page (`COUNT 100`) of
+//! token hashes and logs a warning naming `backfill_due` when it finds a set with a
+//! keep-alive instant that is not in the index. Replicas still running the earlier
+//! version during a rolling upgrade write sets the index misses: backfill after the last
+//! of them is gone (or again).
 //!
 //! # Leases and fencing
 //!
@@ -51,6 +63,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -115,8 +128,14 @@ return 0
 /// index; `ARGV[1]` `<owner>:<fencing>`, `ARGV[2]` expected version (`''`: absent),
 /// `ARGV[3]` new version, `ARGV[4]` body, `ARGV[5]` the new set's keep-alive instant in ms
 /// (`''`: none), `ARGV[6]` the store key. Returns 1 (written), -1 (lease lost) or -2
-/// (version conflict). The index is written first: a script that fails there (a script
-/// error is not rolled back) has written nothing.
+/// (version conflict).
+///
+/// The hash is written first, then the index: a script error is not rolled back, and a
+/// script that fails at the `HSET` leaves the key's index entry as it was, which is
+/// harmless (the sweep re-reads the set), never an entry removed for a set still stored.
+/// At `maxmemory` with `noeviction`, Redis refuses a command that may grow memory
+/// (`HSET`, `ZADD`; never `ZREM`) only as a script's first write (it does not stop a
+/// script half-way), so a save there is refused whole by its `HSET`, writing nothing.
 const SAVE: &str = r"
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then
   return -1
@@ -126,13 +145,25 @@ if current == false then current = '' end
 if current ~= ARGV[2] then
   return -2
 end
+redis.call('HSET', KEYS[1], 'version', ARGV[3], 'body', ARGV[4])
 if ARGV[5] == '' then
   redis.call('ZREM', KEYS[3], ARGV[6])
 else
   redis.call('ZADD', KEYS[3], ARGV[5], ARGV[6])
 end
-redis.call('HSET', KEYS[1], 'version', ARGV[3], 'body', ARGV[4])
 return 1
+";
+
+/// Adds a set saved before the due index existed to it: `KEYS[1]` token hash, `KEYS[2]`
+/// the due index; `ARGV[1]` the version the set was read at, `ARGV[2]` its keep-alive
+/// instant in ms, `ARGV[3]` the store key. Adds nothing if the hash changed since it was
+/// read (a save wrote the index itself) or the key is indexed already. Returns how many
+/// keys it added (0 or 1).
+const BACKFILL: &str = r"
+if redis.call('HGET', KEYS[1], 'version') ~= ARGV[1] then
+  return 0
+end
+return redis.call('ZADD', KEYS[2], 'NX', ARGV[2], ARGV[3])
 ";
 
 /// A [`TokenStore`] in Redis, for applications that run several replicas on several
@@ -160,10 +191,14 @@ pub struct RedisStore {
     scripts: Arc<Scripts>,
     /// What `connect` found that can make the server lose keys.
     durability: Arc<[&'static str]>,
+    /// Set by the first [`TokenStore::due`] of this store (and prefix), which looks for
+    /// sets saved before the due index existed.
+    due_index_checked: Arc<AtomicBool>,
 }
 
 struct Scripts {
     acquire: Script,
+    backfill: Script,
     release: Script,
     release_owner: Script,
     renew: Script,
@@ -238,12 +273,14 @@ impl RedisStore {
             redacted_url: Arc::from(redacted_url),
             scripts: Arc::new(Scripts {
                 acquire: Script::new(ACQUIRE),
+                backfill: Script::new(BACKFILL),
                 release: Script::new(RELEASE),
                 release_owner: Script::new(RELEASE_OWNER),
                 renew: Script::new(RENEW),
                 save: Script::new(SAVE),
             }),
             durability: Arc::from([]),
+            due_index_checked: Arc::new(AtomicBool::new(false)),
         }
         .checked_for_durability()
         .await)
@@ -296,6 +333,7 @@ impl RedisStore {
     /// Prefixes every Redis key this store uses with `prefix` (default `"tokenkeeper:"`).
     pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = Arc::from(prefix.into());
+        self.due_index_checked = Arc::new(AtomicBool::new(false));
         self
     }
 
@@ -320,6 +358,187 @@ impl RedisStore {
     fn due_key(&self) -> String {
         format!("{}due", self.prefix)
     }
+
+    /// The prefix of every token hash (`p` `token:`), and the `SCAN` pattern that matches
+    /// them all.
+    fn token_pattern(&self) -> (String, String) {
+        let token_prefix = format!("{}token:", self.prefix);
+        let glob: String = token_prefix
+            .chars()
+            .flat_map(|c| match c {
+                '*' | '?' | '[' | ']' | '\\' => vec!['\\', c],
+                c => vec![c],
+            })
+            .collect();
+        (token_prefix, format!("{glob}*"))
+    }
+
+    /// One `SCAN` page of token hashes from `cursor`: the next cursor (0: done) and the
+    /// hashes found, with their store keys.
+    async fn scan_tokens(
+        &self,
+        connection: &mut ConnectionManager,
+        cursor: u64,
+        count: usize,
+    ) -> Result<(u64, Vec<(String, String)>), StoreError> {
+        let (token_prefix, pattern) = self.token_pattern();
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(count)
+            .query_async(connection)
+            .await
+            .map_err(StoreError::unavailable)?;
+        let found = batch
+            .into_iter()
+            .filter_map(|hash| {
+                let key = hash.strip_prefix(&token_prefix)?.to_owned();
+                Some((hash, key))
+            })
+            .collect();
+        Ok((next, found))
+    }
+
+    /// Of `hashes` (token hashes and their store keys), the sets that have a keep-alive
+    /// instant but are not in the due index (saved before it existed), with the version
+    /// each was read at; and the keys whose set could not be read.
+    async fn unindexed(
+        &self,
+        connection: &mut ConnectionManager,
+        hashes: &[(String, String)],
+    ) -> Result<(Vec<Unindexed>, Vec<StoreError>), StoreError> {
+        if hashes.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let due_key = self.due_key();
+        let mut scores = redis::pipe();
+        for (_, key) in hashes {
+            scores.cmd("ZSCORE").arg(&due_key).arg(key);
+        }
+        let scores: Vec<Option<f64>> = scores
+            .query_async(connection)
+            .await
+            .map_err(StoreError::unavailable)?;
+        let missing: Vec<&(String, String)> = hashes
+            .iter()
+            .zip(scores)
+            .filter_map(|(hash, score)| score.is_none().then_some(hash))
+            .collect();
+        if missing.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let mut reads = redis::pipe();
+        for (hash, _) in &missing {
+            reads.cmd("HMGET").arg(hash).arg("version").arg("body");
+        }
+        let reads: Vec<(Option<String>, Option<Vec<u8>>)> = reads
+            .query_async(connection)
+            .await
+            .map_err(StoreError::unavailable)?;
+        let (mut found, mut unreadable) = (Vec::new(), Vec::new());
+        for ((hash, key), read) in missing.into_iter().zip(reads) {
+            match read {
+                // Deleted since the scan.
+                (None, None) => {}
+                (Some(version), Some(body)) => match decode(key, &body) {
+                    Ok(stored) => {
+                        if let Some(at) = stored.value.keep_alive_at() {
+                            found.push(Unindexed {
+                                hash: hash.clone(),
+                                key: key.clone(),
+                                version,
+                                due_ms: epoch_ms(at),
+                            });
+                        }
+                    }
+                    Err(e) => unreadable.push(e),
+                },
+                _ => unreadable.push(StoreError::Corrupt {
+                    key: key.clone(),
+                    reason: "the Redis hash lacks its version or body field".into(),
+                }),
+            }
+        }
+        Ok((found, unreadable))
+    }
+
+    /// Adds to the due index (`p` `due`) every stored set that has a keep-alive instant
+    /// but is not in it: sets saved by versions before the index existed, which
+    /// [`TokenStore::due`] never lists, so that a sweep never keeps them alive, until
+    /// their next save. Run it once after upgrading from such a version (the first
+    /// [`TokenStore::due`] of a store warns when it finds such sets); it is idempotent,
+    /// and safe while the store is in use: it `SCAN`s the token hashes, reads each one
+    /// missing from the index, and adds it with a Lua script that writes only if the
+    /// hash still holds the version it read (a save in between indexed the key itself).
+    /// A set that cannot be read is left out, logged at warn. Returns how many keys it
+    /// added.
+    pub async fn backfill_due(&self) -> Result<u64, StoreError> {
+        let due_key = self.due_key();
+        let mut connection = self.connection.clone();
+        let (mut cursor, mut added) = (0u64, 0u64);
+        loop {
+            let (next, hashes) = self.scan_tokens(&mut connection, cursor, 1000).await?;
+            let (found, unreadable) = self.unindexed(&mut connection, &hashes).await?;
+            for e in unreadable {
+                tracing::warn!(error = %e, "backfilling the Redis due index: skipped an unreadable token set");
+            }
+            for set in found {
+                let indexed: i64 = self
+                    .scripts
+                    .backfill
+                    .key(&set.hash)
+                    .key(&due_key)
+                    .arg(&set.version)
+                    .arg(set.due_ms)
+                    .arg(&set.key)
+                    .invoke_async(&mut connection)
+                    .await
+                    .map_err(StoreError::unavailable)?;
+                added += u64::try_from(indexed).unwrap_or(0);
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        tracing::info!(prefix = %self.prefix, added, "backfilled the Redis due index");
+        Ok(added)
+    }
+
+    /// Looks at one `SCAN` page of token hashes for sets saved before the due index
+    /// existed, and warns if it finds one: they are never due until their next save.
+    async fn check_due_index(&self) {
+        let mut connection = self.connection.clone();
+        let sample = async {
+            let (_, hashes) = self.scan_tokens(&mut connection, 0, 100).await?;
+            let (found, _) = self.unindexed(&mut connection, &hashes).await?;
+            Ok::<_, StoreError>((hashes.len(), found.len()))
+        };
+        match sample.await {
+            Ok((_, 0)) => {}
+            Ok((sampled, unindexed)) => tracing::warn!(
+                prefix = %self.prefix,
+                sampled,
+                unindexed,
+                "token sets saved before the Redis due index existed are never due, so no \
+                 sweep keeps them alive: call RedisStore::backfill_due() once"
+            ),
+            Err(e) => {
+                tracing::debug!(error = %e, "could not check the Redis due index for sets saved before it");
+            }
+        }
+    }
+}
+
+/// A stored set with a keep-alive instant that is not in the due index.
+struct Unindexed {
+    hash: String,
+    key: String,
+    /// The hash's `version` field when it was read.
+    version: String,
+    due_ms: i64,
 }
 
 /// `at` in whole milliseconds since the Unix epoch (rounded down): the due index's score.
@@ -341,32 +560,11 @@ fn check_key(key: &str) -> Result<(), StoreError> {
 #[async_trait]
 impl TokenStore for RedisStore {
     async fn keys(&self) -> Result<Vec<String>, StoreError> {
-        let token_prefix = format!("{}token:", self.prefix);
-        let glob: String = token_prefix
-            .chars()
-            .flat_map(|c| match c {
-                '*' | '?' | '[' | ']' | '\\' => vec!['\\', c],
-                c => vec![c],
-            })
-            .collect();
-        let pattern = format!("{glob}*");
         let mut connection = self.connection.clone();
         let (mut cursor, mut keys) = (0u64, Vec::new());
         loop {
-            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut connection)
-                .await
-                .map_err(StoreError::unavailable)?;
-            keys.extend(
-                batch
-                    .iter()
-                    .filter_map(|k| k.strip_prefix(&token_prefix).map(str::to_owned)),
-            );
+            let (next, batch) = self.scan_tokens(&mut connection, cursor, 1000).await?;
+            keys.extend(batch.into_iter().map(|(_, key)| key));
             if next == 0 {
                 break;
             }
@@ -380,6 +578,9 @@ impl TokenStore for RedisStore {
     async fn due(&self, before: OffsetDateTime, limit: usize) -> Result<Vec<String>, StoreError> {
         if limit == 0 {
             return Ok(Vec::new());
+        }
+        if !self.due_index_checked.swap(true, Ordering::Relaxed) {
+            self.check_due_index().await;
         }
         let mut connection = self.connection.clone();
         redis::cmd("ZRANGEBYSCORE")
