@@ -294,11 +294,71 @@ fn due_in_1971(tag: &str) -> (tokenkeeper::TokenSet, time::OffsetDateTime) {
     (set, at)
 }
 
-/// A table made before `due_at` existed: reads keep working, saves and `due` name
-/// `create_schema`, and `create_schema` upgrades it in place: the rows are kept, are not
-/// due until their next save, and are listed from then on, through an index.
+/// Log lines at warn and above, for the tests that read what the store warns about.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+/// Saves through `store` under a lease of its own.
+async fn save_leased(
+    store: &PostgresStore,
+    key: &str,
+    set: &tokenkeeper::TokenSet,
+    expected: Option<u64>,
+) -> Result<u64, StoreError> {
+    let lease = store.lease(key, Duration::from_secs(10)).await.unwrap();
+    let saved = store.save(key, set, expected, &lease).await;
+    lease.release().await.unwrap();
+    saved
+}
+
+/// What `due_at` holds for `key`, as text (`None`: NULL).
+async fn due_at_of(client: &tokio_postgres::Client, key: &str) -> Option<String> {
+    client
+        .query_one(
+            "SELECT due_at::text FROM tokenkeeper_tokens WHERE key = $1",
+            &[&key],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// A table made before `due_at` existed: reads and saves keep working (a save warns,
+/// once, that `create_schema` should run), `due` names `create_schema`, and
+/// `create_schema` upgrades it in place: the rows are kept and are due at once (it fills
+/// `due_at`), through an index.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_create_schema_upgrades_a_table_made_by_an_earlier_version() {
+    let captured = Captured::default();
+    let _logs = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_writer(captured.clone())
+            .finish(),
+    );
     let server = PostgresServer::start();
     let client = raw(&server.url()).await;
     client.batch_execute(TABLE_BEFORE_DUE_AT).await.unwrap();
@@ -316,33 +376,43 @@ async fn postgres_create_schema_upgrades_a_table_made_by_an_earlier_version() {
     let store = PostgresStore::connect(&server.url()).await.unwrap();
     let loaded = store.load(&key).await.unwrap().expect("the old row");
     assert_eq!(loaded.value, set, "reads work before the upgrade");
-    let lease = store.lease(&key, Duration::from_secs(10)).await.unwrap();
-    let refused = store.save(&key, &set, Some(1), &lease).await;
-    lease.release().await.unwrap();
-    match refused {
+    let (mut newer, _) = due_in_1971("saved-before-the-upgrade");
+    newer.obtained_at = set.obtained_at;
+    newer.refresh_expires_at = set.refresh_expires_at;
+    assert_eq!(
+        save_leased(&store, &key, &newer, Some(1)).await.unwrap(),
+        2,
+        "saves work before the upgrade"
+    );
+    let other = unique_key("upgrade-new-key");
+    assert_eq!(save_leased(&store, &other, &newer, None).await.unwrap(), 1);
+    let loaded = store.load(&key).await.unwrap().unwrap();
+    assert_eq!((loaded.value, loaded.version), (newer.clone(), 2));
+    let warnings: Vec<String> = captured
+        .text()
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("create_schema()"))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(warnings.len(), 1, "warned once: {warnings:?}");
+    match store.due(due_at, 10).await {
         Err(StoreError::Misconfigured(why)) => assert!(why.contains("create_schema"), "{why}"),
-        other => panic!("a save before the upgrade names create_schema, got {other:?}"),
+        other => panic!("due before the upgrade names create_schema, got {other:?}"),
     }
-    let due = store.due(due_at, 10).await;
-    assert!(matches!(due, Err(StoreError::Misconfigured(_))), "{due:?}");
 
     let (a, b) = tokio::join!(store.create_schema(), store.create_schema());
     a.expect("upgrade");
     b.expect("upgrade, concurrently");
     store.create_schema().await.expect("and again: idempotent");
     let loaded = store.load(&key).await.unwrap().expect("the row is kept");
-    assert_eq!((loaded.value, loaded.version), (set.clone(), 1));
-    assert!(
-        store.due(due_at, 10).await.unwrap().is_empty(),
-        "a row saved before the upgrade is not due until its next save"
-    );
-    let lease = store.lease(&key, Duration::from_secs(10)).await.unwrap();
-    store.save(&key, &set, Some(1), &lease).await.unwrap();
-    lease.release().await.unwrap();
+    assert_eq!((loaded.value, loaded.version), (newer.clone(), 2));
+    let mut due = store.due(due_at, 10).await.unwrap();
+    due.sort();
+    let mut expected = [key.clone(), other.clone()];
+    expected.sort();
     assert_eq!(
-        store.due(due_at, 10).await.unwrap(),
-        [key],
-        "due once saved again"
+        due, expected,
+        "rows saved before the upgrade are due at once: create_schema filled due_at"
     );
     let indexes: i64 = client
         .query_one(
@@ -356,17 +426,217 @@ async fn postgres_create_schema_upgrades_a_table_made_by_an_earlier_version() {
     assert_eq!(indexes, 1, "due_at is indexed");
 }
 
+/// `create_schema` fills `due_at` of every row that lacks it, page after page: each
+/// row's keep-alive instant, `'infinity'` for a set without one (so that the next call
+/// reads nothing), nothing for a row whose set cannot be read or a row only leased; a
+/// row that has `due_at` is not touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_create_schema_fills_due_at_of_rows_saved_before_it() {
+    let server = PostgresServer::start();
+    let client = raw(&server.url()).await;
+    client.batch_execute(TABLE_BEFORE_DUE_AT).await.unwrap();
+    let mut keys = Vec::new();
+    let mut bodies = Vec::new();
+    for i in 0..2_345 {
+        let key = unique_key("fill");
+        let (mut set, _) = due_in_1971(&key);
+        set.obtained_at += time::Duration::seconds(i);
+        set.refresh_expires_at = Some(set.obtained_at + time::Duration::seconds(1000));
+        bodies.push(String::from_utf8(tokenkeeper::store::encode(&set, 1)).unwrap());
+        keys.push(key);
+    }
+    client
+        .execute(
+            "INSERT INTO tokenkeeper_tokens (key, version, body) \
+             SELECT * FROM unnest($1::text[], array_fill(1::bigint, ARRAY[cardinality($1)]), $2::text[])",
+            &[&keys, &bodies],
+        )
+        .await
+        .unwrap();
+    let (mut revoked, _) = due_in_1971("fill-revoked");
+    revoked.refresh_token = None;
+    let revoked_body = String::from_utf8(tokenkeeper::store::encode(&revoked, 1)).unwrap();
+    let (revoked_key, unreadable, leased) = (
+        unique_key("fill-revoked"),
+        unique_key("fill-unreadable"),
+        unique_key("fill-leased"),
+    );
+    client
+        .execute(
+            "INSERT INTO tokenkeeper_tokens (key, version, body) VALUES ($1, 1, $2), ($3, 1, 'not a token record')",
+            &[&revoked_key, &revoked_body, &unreadable],
+        )
+        .await
+        .unwrap();
+
+    let store = connect(&server).await;
+    drop(store.lease(&leased, Duration::from_secs(10)).await.unwrap());
+    let everything = time::macros::datetime!(1972-01-01 0:00 UTC);
+    let due = store.due(everything, usize::MAX).await.unwrap();
+    assert_eq!(due.len(), keys.len(), "every due row, once");
+    assert_eq!(due, keys, "earliest first: the order they were made in");
+    assert_eq!(
+        due_at_of(&client, &revoked_key).await.as_deref(),
+        Some("infinity")
+    );
+    assert_eq!(due_at_of(&client, &unreadable).await, None);
+    assert_eq!(due_at_of(&client, &leased).await, None);
+
+    // A row whose due_at is known is not read again, let alone rewritten.
+    client
+        .execute(
+            "UPDATE tokenkeeper_tokens SET due_at = 'epoch' WHERE key = $1",
+            &[&keys[7]],
+        )
+        .await
+        .unwrap();
+    store.create_schema().await.expect("again");
+    assert_eq!(
+        store.due(everything, 1).await.unwrap(),
+        [keys[7].as_str()],
+        "not rewritten"
+    );
+    assert_eq!(due_at_of(&client, &unreadable).await, None);
+}
+
+/// A save between the fill's read and its write wins: the fill writes a row's `due_at`
+/// only if the row still holds the version it read. Here an earlier version's replica
+/// (its save does not write `due_at`) revokes a row while the fill waits for the row's
+/// lock: the row ends up never due, as its set says, not due at the instant read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_create_schema_fill_never_overwrites_a_save_in_between() {
+    let server = PostgresServer::start();
+    let store = connect(&server).await;
+    let client = raw(&server.url()).await;
+    let key = unique_key("fill-race");
+    let (set, at) = due_in_1971("fill-race");
+    let (mut revoked, _) = due_in_1971("fill-race-revoked");
+    revoked.refresh_token = None;
+    let body = |set, version| String::from_utf8(tokenkeeper::store::encode(set, version)).unwrap();
+    // Saved by an earlier version's replica: no due_at.
+    client
+        .execute(
+            "INSERT INTO tokenkeeper_tokens (key, version, body) VALUES ($1, 1, $2)",
+            &[&key, &body(&set, 1)],
+        )
+        .await
+        .unwrap();
+
+    // That replica's next save, not committed yet: it holds the row's lock.
+    let mut replica = raw(&server.url()).await;
+    let saving = replica.transaction().await.unwrap();
+    saving
+        .execute(
+            "UPDATE tokenkeeper_tokens SET version = 2, body = $2 WHERE key = $1",
+            &[&key, &body(&revoked, 2)],
+        )
+        .await
+        .unwrap();
+    let filling = tokio::spawn({
+        let store = store.clone();
+        async move { store.create_schema().await }
+    });
+    // The fill read version 1 and waits for the lock to write it.
+    let waited_since = Instant::now();
+    loop {
+        let waiting: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE wait_event_type = 'Lock' AND query LIKE '%unnest%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            waited_since.elapsed() < Duration::from_secs(4),
+            "the fill never waited for the row: {:?}",
+            filling.is_finished()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    saving.commit().await.unwrap();
+    filling.await.unwrap().expect("create_schema");
+
+    assert!(
+        store.due(at, usize::MAX).await.unwrap().is_empty(),
+        "the revoked set is not due"
+    );
+    assert_eq!(due_at_of(&client, &key).await.as_deref(), Some("infinity"));
+}
+
+/// PostgreSQL cuts names at 63 bytes: two tables whose names share a long prefix each get
+/// their own due index (and a short name keeps the name earlier versions gave it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_tables_sharing_a_long_prefix_each_get_a_due_index() {
+    let server = PostgresServer::start();
+    let client = raw(&server.url()).await;
+    let prefix = "tenant_tokens_".repeat(4);
+    let names = [format!("{prefix}_alpha"), format!("{prefix}_beta")];
+    assert!(
+        names.iter().all(|n| n.len() <= 63 && n.len() > 52),
+        "test premise"
+    );
+    for name in &names {
+        let store = PostgresStore::connect(&server.url())
+            .await
+            .unwrap()
+            .with_table(name);
+        store.create_schema().await.unwrap();
+        conformance::run(&store, Leases::Expiring).await;
+    }
+    for name in &names {
+        let indexes: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_indexes \
+                 WHERE tablename = $1 AND indexdef LIKE '%(due_at)%'",
+                &[name],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(indexes, 1, "{name} has its due index");
+    }
+    connect(&server).await;
+    let default: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_indexes WHERE indexname = 'tokenkeeper_tokens_due_at_idx'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(default, 1, "the default table's index keeps its name");
+}
+
 /// Once the table has `due_at` and its index, `create_schema` changes nothing, so a role
 /// that serves tokens without owning the table (the CLI runs `create_schema` at every
-/// start) can still run it.
+/// start) can still run it, and fill `due_at`, even where the index that speeds that up
+/// is missing (a table upgraded by a build without it): that index only it cannot make.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_create_schema_on_an_upgraded_table_needs_no_ownership() {
     let server = PostgresServer::start();
     connect(&server).await;
     let client = raw(&server.url()).await;
+    let old = unique_key("not-owner-old");
+    let (old_set, _) = due_in_1971("not-owner-old");
+    client
+        .execute(
+            "INSERT INTO tokenkeeper_tokens (key, version, body) VALUES ($1, 1, $2)",
+            &[
+                &old,
+                &String::from_utf8(tokenkeeper::store::encode(&old_set, 1)).unwrap(),
+            ],
+        )
+        .await
+        .unwrap();
     client
         .batch_execute(
-            "CREATE ROLE server LOGIN; \
+            "DROP INDEX tokenkeeper_tokens_due_at_unknown_idx; \
+             CREATE ROLE server LOGIN; \
              GRANT CREATE, USAGE ON SCHEMA public TO server; \
              GRANT SELECT, INSERT, UPDATE ON tokenkeeper_tokens TO server;",
         )
@@ -378,10 +648,23 @@ async fn postgres_create_schema_on_an_upgraded_table_needs_no_ownership() {
         .create_schema()
         .await
         .expect("create_schema by a role that does not own the upgraded table");
+    let unknown_index: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_indexes \
+             WHERE indexname = 'tokenkeeper_tokens_due_at_unknown_idx'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(unknown_index, 0, "not the owner: not created");
     let key = unique_key("not-owner");
     let (set, due_at) = due_in_1971("not-owner");
+    assert_eq!(set.keep_alive_at(), old_set.keep_alive_at(), "test premise");
     let lease = store.lease(&key, Duration::from_secs(10)).await.unwrap();
     store.save(&key, &set, None, &lease).await.unwrap();
     lease.release().await.unwrap();
-    assert_eq!(store.due(due_at, 10).await.unwrap(), [key]);
+    let mut due = store.due(due_at, 10).await.unwrap();
+    due.sort();
+    assert_eq!(due, [old, key], "the old row was filled, the new one saved");
 }

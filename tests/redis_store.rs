@@ -14,6 +14,7 @@ use std::sync::Arc;
 use proxy::FaultProxy;
 use servers::RedisServer;
 use tokenkeeper::TokenStore;
+use tokenkeeper::store::StoreError;
 use tokenkeeper::store::conformance::{self, Leases, sample, unique_key};
 use tokenkeeper::store::redis::RedisStore;
 
@@ -130,7 +131,8 @@ async fn redis_connect_warns_when_the_server_can_lose_keys() {
 /// The due index is what the module documentation's layout says: the sorted set `p` `due`,
 /// member the store key, score the keep-alive instant in milliseconds since the epoch,
 /// written by the save script along with the hash (removed when the set has no refresh
-/// token). A hash written before the index existed is not due until its next save.
+/// token). A hash written before the index existed is not due until its next save (or
+/// `backfill_due`, tested below).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_due_index_is_the_documented_sorted_set() {
     use std::time::Duration;
@@ -185,4 +187,304 @@ async fn redis_due_index_is_the_documented_sorted_set() {
     store.save(&old, &set, Some(1), &lease).await.unwrap();
     lease.release().await.unwrap();
     assert_eq!(store.due(due_at, 10).await.unwrap(), [old]);
+}
+
+/// A raw connection, for what the store does not do (old layouts, server settings).
+async fn raw(server: &RedisServer) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+/// Writes `set` the way versions before the due index did: the hash alone.
+async fn hset_before_the_index(
+    raw: &mut redis::aio::MultiplexedConnection,
+    prefix: &str,
+    key: &str,
+    body: &[u8],
+) {
+    let _: () = redis::cmd("HSET")
+        .arg(format!("{prefix}token:{key}"))
+        .arg("version")
+        .arg("1")
+        .arg("body")
+        .arg(body)
+        .query_async(raw)
+        .await
+        .unwrap();
+}
+
+async fn zscore(
+    raw: &mut redis::aio::MultiplexedConnection,
+    prefix: &str,
+    key: &str,
+) -> Option<f64> {
+    redis::cmd("ZSCORE")
+        .arg(format!("{prefix}due"))
+        .arg(key)
+        .query_async(raw)
+        .await
+        .unwrap()
+}
+
+/// A set due (its keep-alive instant) in 1971, and that instant in ms.
+fn due_in_1971(tag: &str, offset_s: i64) -> (tokenkeeper::TokenSet, time::OffsetDateTime, f64) {
+    let mut set = sample(tag);
+    set.obtained_at =
+        time::macros::datetime!(1971-03-01 0:00 UTC) + time::Duration::seconds(offset_s);
+    set.refresh_expires_at = Some(set.obtained_at + time::Duration::seconds(1000));
+    let at = set.keep_alive_at().expect("a keep-alive instant");
+    let ms = (at.unix_timestamp_nanos() / 1_000_000) as f64;
+    (set, at, ms)
+}
+
+/// Log lines at warn and above, for the tests that read what the store warns about.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+/// Sets saved before the due index existed are never due, so a sweep would let idle
+/// grants die: `backfill_due` indexes them (over several `SCAN` pages), each at its
+/// keep-alive instant, and nothing else (not a set without a keep-alive instant, not an
+/// unreadable one, not a key already indexed); it is idempotent. The first `due` of a
+/// store warns, naming `backfill_due`, while such sets exist, and only then.
+#[tokio::test(flavor = "current_thread")]
+async fn redis_backfill_due_indexes_sets_saved_before_the_index() {
+    use std::time::Duration;
+    let captured = Captured::default();
+    let _logs = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_writer(captured.clone())
+            .finish(),
+    );
+    let server = RedisServer::start();
+    let prefix = "backfill:";
+    let store = connect(&server).await.with_prefix(prefix);
+    let mut raw = raw(&server).await;
+
+    // Saved by this version: indexed already, at an instant backfill must not move.
+    let indexed = unique_key("backfill-indexed");
+    let (indexed_set, _, indexed_ms) = due_in_1971("indexed", 0);
+    let lease = store
+        .lease(&indexed, Duration::from_secs(10))
+        .await
+        .unwrap();
+    store
+        .save(&indexed, &indexed_set, None, &lease)
+        .await
+        .unwrap();
+    lease.release().await.unwrap();
+
+    // Saved before the index: 2,500 due sets (more than one SCAN page), one without a
+    // refresh token, one unreadable.
+    let mut old = Vec::new();
+    let mut pipe = redis::pipe();
+    for i in 0..2_500 {
+        let key = unique_key("backfill-old");
+        let (set, _, ms) = due_in_1971(&key, i);
+        pipe.cmd("HSET")
+            .arg(format!("{prefix}token:{key}"))
+            .arg("version")
+            .arg("1")
+            .arg("body")
+            .arg(tokenkeeper::store::encode(&set, 1))
+            .ignore();
+        old.push((key, ms));
+    }
+    let _: () = pipe.query_async(&mut raw).await.unwrap();
+    let revoked = unique_key("backfill-no-refresh-token");
+    let (mut revoked_set, _, _) = due_in_1971("revoked", 0);
+    revoked_set.refresh_token = None;
+    hset_before_the_index(
+        &mut raw,
+        prefix,
+        &revoked,
+        &tokenkeeper::store::encode(&revoked_set, 1),
+    )
+    .await;
+    let unreadable = unique_key("backfill-unreadable");
+    hset_before_the_index(&mut raw, prefix, &unreadable, b"not a token record").await;
+
+    let after_everything = time::macros::datetime!(1972-01-01 0:00 UTC);
+    assert_eq!(
+        store.due(after_everything, usize::MAX).await.unwrap(),
+        [indexed.as_str()],
+        "sets saved before the index are not due"
+    );
+    let warned = |logged: String| {
+        logged
+            .lines()
+            .any(|l| l.contains("WARN") && l.contains("RedisStore::backfill_due()"))
+    };
+    assert!(
+        warned(captured.text()),
+        "the first due warns: {:?}",
+        captured.text()
+    );
+
+    assert_eq!(store.backfill_due().await.unwrap(), 2_500);
+    for (key, ms) in &old {
+        assert_eq!(zscore(&mut raw, prefix, key).await, Some(*ms), "{key}");
+    }
+    assert_eq!(zscore(&mut raw, prefix, &indexed).await, Some(indexed_ms));
+    assert_eq!(zscore(&mut raw, prefix, &revoked).await, None);
+    assert_eq!(zscore(&mut raw, prefix, &unreadable).await, None);
+    assert_eq!(
+        store.due(after_everything, usize::MAX).await.unwrap().len(),
+        2_501
+    );
+    assert_eq!(store.backfill_due().await.unwrap(), 0, "idempotent");
+
+    // Once backfilled, a new store's first due has nothing to warn about.
+    let store = connect(&server).await.with_prefix(prefix);
+    captured.0.lock().unwrap().clear();
+    store.due(after_everything, 1).await.unwrap();
+    assert!(!warned(captured.text()), "{:?}", captured.text());
+}
+
+/// `backfill_due` runs while the store is in use: a set a save replaced after the
+/// backfill read it is never indexed at the instant it read. Here every old set is
+/// revoked (saved without a refresh token) during the backfill: none may end up due.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_backfill_due_never_indexes_a_set_a_save_replaced() {
+    use std::time::Duration;
+    let server = RedisServer::start();
+    let prefix = "race:";
+    let store = connect(&server).await.with_prefix(prefix);
+    let mut raw = raw(&server).await;
+    let (set, at, _) = due_in_1971("race", 0);
+    let body = tokenkeeper::store::encode(&set, 1);
+    let keys: Vec<String> = (0..600).map(|_| unique_key("race")).collect();
+    let mut pipe = redis::pipe();
+    for key in &keys {
+        pipe.cmd("HSET")
+            .arg(format!("{prefix}token:{key}"))
+            .arg("version")
+            .arg("1")
+            .arg("body")
+            .arg(&body)
+            .ignore();
+    }
+    let _: () = pipe.query_async(&mut raw).await.unwrap();
+
+    let mut revoked = set.clone();
+    revoked.refresh_token = None;
+    let revoking: Vec<_> = keys
+        .chunks(75)
+        .map(|chunk| {
+            let (store, chunk, revoked) = (store.clone(), chunk.to_vec(), revoked.clone());
+            tokio::spawn(async move {
+                for key in chunk.iter().rev() {
+                    let lease = store.lease(key, Duration::from_secs(10)).await.unwrap();
+                    store.save(key, &revoked, Some(1), &lease).await.unwrap();
+                    lease.release().await.unwrap();
+                }
+            })
+        })
+        .collect();
+    let backfilled = store.backfill_due().await.unwrap();
+    for task in revoking {
+        task.await.unwrap();
+    }
+    let due = store.due(at, usize::MAX).await.unwrap();
+    assert!(
+        due.is_empty(),
+        "{} revoked sets listed as due ({backfilled} backfilled)",
+        due.len()
+    );
+}
+
+/// At `maxmemory` with `noeviction`, a save is refused whole (its first write, the hash,
+/// is refused), and the index still agrees with the stored set: a set that needs
+/// keep-alive never leaves the index, whether the refused save would have added or
+/// removed its key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_save_refused_at_maxmemory_leaves_the_index_agreeing_with_the_set() {
+    use std::time::Duration;
+    let server = RedisServer::start();
+    let prefix = "oom:";
+    let store = connect(&server).await.with_prefix(prefix);
+    let mut raw = raw(&server).await;
+    let key = unique_key("oom");
+    let (set, at, ms) = due_in_1971("oom", 0);
+    let lease = store.lease(&key, Duration::from_secs(30)).await.unwrap();
+    let v1 = store.save(&key, &set, None, &lease).await.unwrap();
+
+    let used: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let used: u64 = used
+        .lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let config_set =
+        async |raw: &mut redis::aio::MultiplexedConnection, name: &str, value: String| {
+            let _: () = redis::cmd("CONFIG")
+                .arg("SET")
+                .arg(name)
+                .arg(value)
+                .query_async(raw)
+                .await
+                .unwrap();
+        };
+    config_set(&mut raw, "maxmemory-policy", "noeviction".into()).await;
+    config_set(&mut raw, "maxmemory", (used / 2).to_string()).await;
+
+    let mut revoked = set.clone();
+    revoked.refresh_token = None;
+    let (later, _, _) = due_in_1971("oom-later", 500);
+    for (what, next) in [("removed", &revoked), ("moved", &later)] {
+        let refused = store.save(&key, next, Some(v1), &lease).await;
+        assert!(
+            matches!(refused, Err(StoreError::Unavailable(_))),
+            "a save at maxmemory is refused (its key would be {what}): {refused:?}"
+        );
+        let stored = store.load(&key).await.unwrap().unwrap();
+        assert_eq!(
+            (stored.value, stored.version),
+            (set.clone(), v1),
+            "nothing written"
+        );
+        assert_eq!(
+            zscore(&mut raw, prefix, &key).await,
+            Some(ms),
+            "the key stays indexed at its stored set's instant"
+        );
+        assert_eq!(store.due(at, usize::MAX).await.unwrap(), [key.as_str()]);
+    }
+
+    config_set(&mut raw, "maxmemory", "0".into()).await;
+    store.save(&key, &revoked, Some(v1), &lease).await.unwrap();
+    lease.release().await.unwrap();
+    assert_eq!(zscore(&mut raw, prefix, &key).await, None);
 }

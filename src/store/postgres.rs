@@ -14,20 +14,38 @@
 //!     lease_owner      text,            -- random per lease; NULL when released
 //!     lease_fencing    bigint NOT NULL DEFAULT 0,
 //!     lease_expires_at timestamptz,     -- judged by the database's clock
-//!     due_at           timestamptz,     -- the set's keep-alive instant; NULL: none
+//!     due_at           timestamptz,     -- the set's keep-alive instant; 'infinity': none;
+//!                                       -- NULL: not known yet (see below)
 //!     CHECK ((version IS NULL) = (body IS NULL))
 //! );
-//! -- Tables created by earlier versions get the column and its index (only when missing):
+//! -- Tables created by earlier versions get the column and the indexes (only when missing):
 //! ALTER TABLE tokenkeeper_tokens ADD COLUMN IF NOT EXISTS due_at timestamptz;
 //! CREATE INDEX IF NOT EXISTS tokenkeeper_tokens_due_at_idx
 //!     ON tokenkeeper_tokens (due_at) WHERE due_at IS NOT NULL;
+//! CREATE INDEX IF NOT EXISTS tokenkeeper_tokens_due_at_unknown_idx
+//!     ON tokenkeeper_tokens (key) WHERE due_at IS NULL AND version IS NOT NULL;
 //! ```
 //!
-//! `due_at` is [`TokenSet::keep_alive_at`] of the stored set, written by the same
-//! statement as the body, so it never disagrees with it; [`TokenStore::due`] reads it
-//! through the index. `create_schema` upgrades a table made by an earlier version
-//! without touching its rows: rows saved before the upgrade have a NULL `due_at` (they
-//! are never due) until their next save. The upgrade is skipped once done: later calls
+//! `due_at` is [`TokenSet::keep_alive_at`] of the stored set (`'infinity'` when it has
+//! none), written by the same statement as the body, so it never disagrees with it;
+//! [`TokenStore::due`] reads it through `..._due_at_idx`. An index name longer than
+//! PostgreSQL's 63 bytes keeps the start of the table name and a hash of all of it
+//! (earlier versions cut it short, so that two tables sharing a 52-byte prefix shared the
+//! name and the second got no index; a table named that long gets its index under the
+//! new name, and the one the earlier version made can be dropped).
+//!
+//! # Upgrading from a version without `due_at`
+//!
+//! Until `create_schema` runs, saves work as the earlier version's did (the store warns
+//! once that the table lacks `due_at`) and `due` fails with [`StoreError::Misconfigured`]
+//! naming `create_schema`. `create_schema` adds the column and indexes without touching
+//! the rows, then fills `due_at` of every row that lacks it (rows saved before, or by a
+//! replica still running an earlier version): without it, `due` would never list an idle
+//! grant, the very one a sweep exists for. It reads them 1,000 at a time by key through
+//! `..._due_at_unknown_idx`, decodes each set in Rust, and writes `due_at` only if the row
+//! still holds the version it read (a save meanwhile wrote it itself). A row whose set
+//! cannot be decoded is left without `due_at`, logged, and read again by the next call;
+//! otherwise a later call reads nothing. The upgrade is skipped once done: later calls
 //! neither lock the table against its users nor need to own it.
 //!
 //! The role the store connects as needs `SELECT`, `INSERT` and `UPDATE` on the table
@@ -58,8 +76,8 @@
 //! server's `statement_timeout` to the default bound, 5 s (unless the connection string
 //! sets one: `options=-c statement_timeout=...`), and TCP keepalives.
 //!
-//! A missing table, or one an earlier version made and `create_schema` has not upgraded
-//! (without `due_at`: saves and `due` fail, loads still work), is
+//! A missing table, or `due` on one an earlier version made and `create_schema` has not
+//! upgraded (without `due_at`; loads and saves still work), is
 //! [`StoreError::Misconfigured`], naming the table and [`PostgresStore::create_schema`],
 //! which the store never runs by itself (the role that serves tokens need not be allowed
 //! to create tables).
@@ -72,6 +90,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -79,6 +98,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use time::OffsetDateTime;
 use tokio::time::Instant;
 use tokio_postgres::NoTls;
+use tokio_postgres::error::SqlState;
 
 use super::{
     LEASE_ERRORS_TOLERATED, Lease, LeaseRelease, StoreError, TokenStore, Versioned, deadline_from,
@@ -118,6 +138,8 @@ struct Shared {
     sql: Sql,
     /// The bound on one operation (a pool checkout and its statements).
     op_timeout: Duration,
+    /// Set once a save found the table without `due_at` (and said so).
+    warned_without_due_at: AtomicBool,
 }
 
 /// The default bound on one operation.
@@ -131,9 +153,18 @@ struct Sql {
     release: String,
     release_owner: String,
     save: String,
+    /// The save of versions before `due_at`, for a table `create_schema` has not upgraded.
+    save_without_due_at: String,
     lease_held: String,
     due: String,
+    /// A page of rows whose `due_at` is not known (saved before the column existed).
+    backfill_read: String,
+    /// Fills `due_at` of such rows, each only if it still holds the version read.
+    backfill_write: String,
 }
+
+/// How many rows the `due_at` backfill reads at a time.
+const BACKFILL_PAGE: i64 = 1000;
 
 /// The `timestamptz` for microseconds since the Unix epoch in parameter `$n` (NULL for
 /// NULL), computed exactly in integers (no floating point rounding).
@@ -188,11 +219,29 @@ impl Sql {
                  WHERE key = $1 AND lease_owner = $2 AND lease_fencing = $3"
             ),
             save: format!(
-                "UPDATE {t} SET version = $4, body = $5, due_at = {due_at} \
+                "UPDATE {t} SET version = $4, body = $5, \
+                     due_at = COALESCE({due_at}, 'infinity') \
                  WHERE key = $1 AND lease_owner = $2 AND lease_fencing = $3 \
                    AND lease_expires_at > clock_timestamp() \
                    AND version IS NOT DISTINCT FROM $6::bigint",
                 due_at = timestamptz_from_micros(7)
+            ),
+            save_without_due_at: format!(
+                "UPDATE {t} SET version = $4, body = $5 \
+                 WHERE key = $1 AND lease_owner = $2 AND lease_fencing = $3 \
+                   AND lease_expires_at > clock_timestamp() \
+                   AND version IS NOT DISTINCT FROM $6::bigint"
+            ),
+            backfill_read: format!(
+                "SELECT key, version, body FROM {t} \
+                 WHERE due_at IS NULL AND version IS NOT NULL AND key > $1 \
+                 ORDER BY key LIMIT $2"
+            ),
+            backfill_write: format!(
+                "UPDATE {t} AS t SET due_at = COALESCE(to_timestamp(b.due / 1000000) \
+                     + (b.due % 1000000) * interval '1 microsecond', 'infinity') \
+                 FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS b(key, version, due) \
+                 WHERE t.key = b.key AND t.version = b.version AND t.due_at IS NULL"
             ),
             due: format!(
                 "SELECT key FROM {t} WHERE due_at <= {before} ORDER BY due_at, key LIMIT $2",
@@ -315,6 +364,7 @@ impl PostgresStore {
                 table: DEFAULT_TABLE.into(),
                 target,
                 op_timeout: DEFAULT_OP_TIMEOUT,
+                warned_without_due_at: AtomicBool::new(false),
             }),
         }
     }
@@ -335,6 +385,7 @@ impl PostgresStore {
             table: name.to_owned(),
             target: self.shared.target.clone(),
             op_timeout: self.shared.op_timeout,
+            warned_without_due_at: AtomicBool::new(false),
         });
         self
     }
@@ -348,6 +399,7 @@ impl PostgresStore {
             table: self.shared.table.clone(),
             target: self.shared.target.clone(),
             op_timeout: timeout,
+            warned_without_due_at: AtomicBool::new(false),
         });
         self
     }
@@ -358,13 +410,16 @@ impl PostgresStore {
     }
 
     /// The statements [`PostgresStore::create_schema`] runs: `CREATE TABLE IF NOT EXISTS`,
-    /// then a `DO` block that adds the `due_at` column and its index to a table made by
-    /// an earlier version (`ALTER TABLE ... ADD COLUMN IF NOT EXISTS`, `CREATE INDEX IF
-    /// NOT EXISTS`), only when they are missing: once upgraded, running them takes no
-    /// lock on the table and needs no ownership of it.
+    /// then a `DO` block that adds what a table made by an earlier version lacks, only
+    /// when it is missing: the `due_at` column (`ALTER TABLE ... ADD COLUMN IF NOT
+    /// EXISTS`), its index, and the index of the rows whose `due_at` is not known yet
+    /// (`CREATE INDEX IF NOT EXISTS`). Once upgraded, running them takes no lock on the
+    /// table and needs no ownership of it. (`create_schema` then fills `due_at` where it
+    /// is not known, which takes Rust to decode the sets: not part of this SQL.)
     pub fn schema_sql(&self) -> String {
         let t = &self.shared.table;
-        let (index, qualified_index) = due_index(t);
+        let (due, qualified_due) = index_name(t, DUE_INDEX_SUFFIX);
+        let (unknown, qualified_unknown) = index_name(t, UNKNOWN_DUE_INDEX_SUFFIX);
         format!(
             "CREATE TABLE IF NOT EXISTS {t} (\n\
              \x20   key              text PRIMARY KEY,\n\
@@ -382,8 +437,18 @@ impl PostgresStore {
              \x20                  AND attname = 'due_at' AND NOT attisdropped) THEN\n\
              \x20       ALTER TABLE {t} ADD COLUMN IF NOT EXISTS due_at timestamptz;\n\
              \x20   END IF;\n\
-             \x20   IF to_regclass('{qualified_index}') IS NULL THEN\n\
-             \x20       CREATE INDEX IF NOT EXISTS {index} ON {t} (due_at) WHERE due_at IS NOT NULL;\n\
+             \x20   IF to_regclass('{qualified_due}') IS NULL THEN\n\
+             \x20       CREATE INDEX IF NOT EXISTS {due} ON {t} (due_at) WHERE due_at IS NOT NULL;\n\
+             \x20   END IF;\n\
+             \x20   IF to_regclass('{qualified_unknown}') IS NULL THEN\n\
+             \x20       -- Only speeds up the backfill: without it (a role that does not own the\n\
+             \x20       -- table), create_schema reads the table through instead.\n\
+             \x20       BEGIN\n\
+             \x20           CREATE INDEX IF NOT EXISTS {unknown} ON {t} (key)\n\
+             \x20               WHERE due_at IS NULL AND version IS NOT NULL;\n\
+             \x20       EXCEPTION WHEN insufficient_privilege THEN\n\
+             \x20           RAISE NOTICE 'not creating {unknown}: %', SQLERRM;\n\
+             \x20       END;\n\
              \x20   END IF;\n\
              END\n\
              $upgrade$"
@@ -393,7 +458,15 @@ impl PostgresStore {
     /// Creates the table if it does not exist, and upgrades one made by an earlier version
     /// (see [`PostgresStore::schema_sql`]; existing rows are kept). Idempotent, and safe to
     /// run from several processes at once (serialized by a transaction-scoped advisory
-    /// lock).
+    /// lock), and while the store is in use.
+    ///
+    /// Then fills `due_at` of the rows that do not have it yet (saved before the column
+    /// existed, or by a replica still running such a version): [`TokenStore::due`] never
+    /// lists a row without it, so a sweep would let an idle grant die. It reads those
+    /// rows 1,000 at a time (by key), decodes each set, and writes its keep-alive instant
+    /// (`'infinity'` for a set without one), each only if the row still holds the version
+    /// it read: a save meanwhile wrote `due_at` itself. A row whose set cannot be read is
+    /// left as it is (logged at warn, and read again by the next call).
     pub async fn create_schema(&self) -> Result<(), StoreError> {
         let client = self.client().await?;
         let created = client
@@ -406,8 +479,112 @@ impl PostgresStore {
             // The failed statement left its transaction open on this connection: close it
             // rather than hand it out again.
             drop(deadpool_postgres::Object::take(client));
+        } else {
+            drop(client);
         }
-        created.map_err(StoreError::unavailable)
+        created.map_err(StoreError::unavailable)?;
+        self.backfill_due_at().await
+    }
+
+    /// Fills `due_at` where it is not known (see [`PostgresStore::create_schema`]). A
+    /// row a concurrent save replaced without writing `due_at` (an earlier version's
+    /// replica, or a save on the table just before it was upgraded) is picked up by
+    /// another pass, up to three.
+    async fn backfill_due_at(&self) -> Result<(), StoreError> {
+        let (mut filled, mut unreadable) = (0u64, 0u64);
+        for _pass in 0..3 {
+            let (mut after, mut replaced) = (String::new(), 0u64);
+            loop {
+                let page = self
+                    .idempotent(|| async |client| self.backfill_page(client, &after).await)
+                    .await?;
+                filled += page.filled;
+                replaced += page.replaced;
+                unreadable += page.unreadable;
+                match page.last_key {
+                    Some(last) if page.full => after = last,
+                    _ => break,
+                }
+            }
+            if replaced == 0 {
+                break;
+            }
+            unreadable = 0;
+        }
+        if filled > 0 {
+            tracing::info!(table = %self.shared.table, filled, "filled due_at of rows saved before it existed");
+        }
+        if unreadable > 0 {
+            tracing::warn!(table = %self.shared.table, unreadable, "rows whose token set cannot be read have no due_at: TokenStore::due never lists them");
+        }
+        Ok(())
+    }
+
+    /// One page of the `due_at` backfill: the rows after key `after`.
+    async fn backfill_page(
+        &self,
+        client: &deadpool_postgres::Client,
+        after: &str,
+    ) -> Result<BackfillPage, StoreError> {
+        let read = client
+            .prepare_cached(&self.shared.sql.backfill_read)
+            .await
+            .map_err(|e| self.pg_error(e))?;
+        let rows = client
+            .query(&read, &[&after, &BACKFILL_PAGE])
+            .await
+            .map_err(|e| self.pg_error(e))?;
+        let mut page = BackfillPage {
+            full: i64::try_from(rows.len()).is_ok_and(|n| n >= BACKFILL_PAGE),
+            ..BackfillPage::default()
+        };
+        let (mut keys, mut versions, mut dues) = (Vec::new(), Vec::new(), Vec::new());
+        for row in &rows {
+            let key: String = row.try_get(0).map_err(StoreError::unavailable)?;
+            let version: i64 = row.try_get(1).map_err(StoreError::unavailable)?;
+            let body: String = row.try_get(2).map_err(StoreError::unavailable)?;
+            match decode(&key, body.as_bytes()) {
+                Ok(stored) => {
+                    dues.push(stored.value.keep_alive_at().map(epoch_micros));
+                    versions.push(version);
+                    keys.push(key.clone());
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "filling due_at: skipped a row whose token set cannot be read");
+                    page.unreadable += 1;
+                }
+            }
+            page.last_key = Some(key);
+        }
+        if !keys.is_empty() {
+            let write = client
+                .prepare_cached(&self.shared.sql.backfill_write)
+                .await
+                .map_err(|e| self.pg_error(e))?;
+            let written = client
+                .execute(&write, &[&keys, &versions, &dues])
+                .await
+                .map_err(|e| self.pg_error(e))?;
+            page.filled = written;
+            page.replaced = (keys.len() as u64).saturating_sub(written);
+        }
+        Ok(page)
+    }
+
+    /// Says once that saves go to a table without `due_at`.
+    fn warn_without_due_at(&self) {
+        if !self
+            .shared
+            .warned_without_due_at
+            .swap(true, Ordering::Relaxed)
+        {
+            tracing::warn!(
+                table = %self.shared.table,
+                "the table has no due_at column (an earlier version made it): saves work, \
+                 but TokenStore::due cannot list the grants to keep alive (a sweep fails) \
+                 until PostgresStore::create_schema() upgrades it; run it once"
+            );
+        }
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
@@ -513,16 +690,50 @@ where
     }
 }
 
-/// The due index of table `table` (`[schema.]name`): its name, and that name qualified
-/// like the table (an index lives in its table's schema).
-fn due_index(table: &str) -> (String, String) {
-    const SUFFIX: &str = "_due_at_idx";
+/// What one page of the `due_at` backfill did.
+#[derive(Default)]
+struct BackfillPage {
+    /// Rows whose `due_at` it wrote.
+    filled: u64,
+    /// Rows a save replaced between the read and the write (left to the next pass).
+    replaced: u64,
+    /// Rows whose set cannot be decoded (left without `due_at`).
+    unreadable: u64,
+    /// The last key read.
+    last_key: Option<String>,
+    /// Whether the page was full: more rows may follow.
+    full: bool,
+}
+
+/// The suffix of the index `due` reads.
+const DUE_INDEX_SUFFIX: &str = "_due_at_idx";
+/// The suffix of the index of rows whose `due_at` is not known yet.
+const UNKNOWN_DUE_INDEX_SUFFIX: &str = "_due_at_unknown_idx";
+
+/// The name of table `table`'s (`[schema.]name`) index ending in `suffix`, and that name
+/// qualified like the table (an index lives in its table's schema).
+///
+/// PostgreSQL cuts names at 63 bytes, so a table name too long for `name` + `suffix`
+/// is cut to leave room for `_` and 8 hex digits of a hash of the whole name: tables
+/// whose names share a long prefix get distinct index names. (Names that fit are kept as
+/// they are, as earlier versions named them.)
+fn index_name(table: &str, suffix: &str) -> (String, String) {
+    const MAX: usize = 63;
     let (schema, name) = match table.split_once('.') {
         Some((schema, name)) => (Some(schema), name),
         None => (None, table),
     };
-    // PostgreSQL names are at most 63 bytes; table names are ASCII.
-    let index = format!("{}{SUFFIX}", &name[..name.len().min(63 - SUFFIX.len())]);
+    let index = if name.len() + suffix.len() <= MAX {
+        format!("{name}{suffix}")
+    } else {
+        // FNV-1a: stable across Rust versions and platforms, unlike std's hashers.
+        let hash = name.bytes().fold(0x811c_9dc5_u32, |h, b| {
+            (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+        });
+        // Table names are ASCII: any byte is a char boundary.
+        let kept = MAX - suffix.len() - 9;
+        format!("{}_{hash:08x}{suffix}", &name[..kept])
+    };
     let qualified = match schema {
         Some(schema) => format!("{schema}.{index}"),
         None => index.clone(),
@@ -642,25 +853,31 @@ impl TokenStore for PostgresStore {
         let (version_db, fencing_db) = (to_db(version)?, to_db(held.fencing)?);
         let due_at = token.keep_alive_at().map(epoch_micros);
         self.once(async |client| {
-            let statement = client
-                .prepare_cached(&self.shared.sql.save)
-                .await
-                .map_err(|e| self.pg_error(e))?;
-            let written = client
-                .execute(
-                    &statement,
-                    &[
-                        &key,
-                        &held.owner,
-                        &fencing_db,
-                        &version_db,
-                        &body,
-                        &expected_db,
-                        &due_at,
-                    ],
-                )
-                .await
-                .map_err(|e| self.pg_error(e))?;
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 7] = [
+                &key,
+                &held.owner,
+                &fencing_db,
+                &version_db,
+                &body,
+                &expected_db,
+                &due_at,
+            ];
+            let written = match client.prepare_cached(&self.shared.sql.save).await {
+                Ok(statement) => client.execute(&statement, &params).await,
+                // A table an earlier version made, not upgraded yet: save as that version
+                // did (preparing failed, so nothing ran), rather than refuse every save
+                // until somebody runs create_schema.
+                Err(e) if e.code() == Some(&SqlState::UNDEFINED_COLUMN) => {
+                    self.warn_without_due_at();
+                    let statement = client
+                        .prepare_cached(&self.shared.sql.save_without_due_at)
+                        .await
+                        .map_err(|e| self.pg_error(e))?;
+                    client.execute(&statement, &params[..6]).await
+                }
+                Err(e) => Err(e),
+            }
+            .map_err(|e| self.pg_error(e))?;
             if written == 1 {
                 return Ok(version);
             }
@@ -866,7 +1083,39 @@ impl LeaseRelease for PostgresLease {
 
 #[cfg(test)]
 mod tests {
-    use super::{describe, valid_table_name};
+    use super::{
+        DUE_INDEX_SUFFIX, UNKNOWN_DUE_INDEX_SUFFIX, describe, index_name, valid_table_name,
+    };
+
+    #[test]
+    fn index_names_fit_and_stay_distinct() {
+        // Names that fit keep the names earlier versions gave them.
+        assert_eq!(
+            index_name("tokenkeeper_tokens", DUE_INDEX_SUFFIX),
+            (
+                "tokenkeeper_tokens_due_at_idx".to_owned(),
+                "tokenkeeper_tokens_due_at_idx".to_owned()
+            )
+        );
+        assert_eq!(
+            index_name("auth.tokens2", DUE_INDEX_SUFFIX),
+            (
+                "tokens2_due_at_idx".to_owned(),
+                "auth.tokens2_due_at_idx".to_owned()
+            )
+        );
+        let long = |tail: &str| format!("{}{tail}", "t".repeat(60));
+        for suffix in [DUE_INDEX_SUFFIX, UNKNOWN_DUE_INDEX_SUFFIX] {
+            let (a, _) = index_name(&long("abc"), suffix);
+            let (b, _) = index_name(&long("abd"), suffix);
+            assert!(a.len() <= 63 && b.len() <= 63, "{a} {b}");
+            assert!(a.ends_with(suffix) && b.ends_with(suffix), "{a} {b}");
+            assert_ne!(a, b);
+            assert_eq!(index_name(&long("abc"), suffix).0, a, "stable");
+            let (qualified, _) = index_name(&format!("s.{}", long("abc")), suffix);
+            assert_eq!(qualified, a, "the schema does not change the name");
+        }
+    }
 
     #[test]
     fn table_names_are_plain_identifiers() {

@@ -15,20 +15,18 @@
 //! The save script that writes `p` `token:` `k` also adds `k` to `p` `due` (or removes it,
 //! when the new set has no keep-alive instant), in the same script, so the index never
 //! disagrees with the stored sets. A token hash deleted by hand should be removed from
-//! `p` `due` too (`ZREM`), or `due` keeps listing its key (the sweep then finds nothing to
-//! keep alive).
+//! `p` `due` too (`ZREM`), or `due` keeps listing its key.
 //!
 //! # Upgrading from a version without the due index
 //!
 //! Sets saved by a version without `p` `due` are not in it, so [`TokenStore::due`] never
 //! lists them until their next save: an idle grant, the very one a sweep exists for,
-//! would expire. After upgrading every replica, call [`RedisStore::backfill_due`] once
-//! (idempotent, and safe while the store is in use). As
-//! a reminder, the first `due` of each store looks at one `SCAN` page (`COUNT 100`) of
-//! token hashes and logs a warning naming `backfill_due` when it finds a set with a
-//! keep-alive instant that is not in the index. Replicas still running the earlier
-//! version during a rolling upgrade write sets the index misses: backfill after the last
-//! of them is gone (or again).
+//! would expire. Once every replica runs this version, call [`RedisStore::backfill_due`]
+//! once (idempotent, and safe while the store is in use). As a reminder, the first `due`
+//! of each store looks at one `SCAN` page (`COUNT 100`) of token hashes and logs a
+//! warning naming `backfill_due` when it finds a set with a keep-alive instant that is
+//! missing from the index. (A replica still running the earlier version writes sets the
+//! index misses: backfill after the last one is gone, or again.)
 //!
 //! # Leases and fencing
 //!
