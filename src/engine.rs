@@ -105,7 +105,7 @@ struct FlightSlot {
 }
 
 /// Timeouts and intervals, fixed at build.
-#[derive(Debug)]
+#[derive(Clone, Copy, Debug)]
 pub(crate) struct Timing {
     pub(crate) lease_ttl: StdDuration,
     pub(crate) store_timeout: StdDuration,

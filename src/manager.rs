@@ -26,7 +26,10 @@ use crate::error::{Error, TransientKind};
 use crate::events::{Event, EventSink};
 use crate::http::TokenEndpoint;
 use crate::provider::ProviderProfile;
-use crate::refresh::{DEFAULT_STORE_TIMEOUT, RefreshingTokenSource, default_lease_ttl};
+use crate::refresh::{
+    DEFAULT_FORCED_REFRESH_INTERVAL, DEFAULT_STORE_TIMEOUT, DEFAULT_TAKEOVER_AFTER,
+    RefreshingTokenSource, timing,
+};
 use crate::secret::ClientCredentials;
 use crate::store::{MemoryStore, TokenStore};
 use crate::token::DEFAULT_LEEWAY;
@@ -71,10 +74,7 @@ struct Shared {
     store: Arc<dyn TokenStore>,
     leeway: time::Duration,
     clock: Arc<dyn Clock>,
-    lease_ttl: StdDuration,
-    store_timeout: StdDuration,
-    takeover_after: StdDuration,
-    forced_refresh_interval: StdDuration,
+    timing: Timing,
     /// The engines kept in memory (strong references), bounded by capacity and idle
     /// time. Finding and creating engines is the registry's job.
     engines: moka::sync::Cache<String, Arc<Engine>>,
@@ -185,23 +185,18 @@ impl ManagerBuilder {
 
     /// Builds the manager. The same checks as [`crate::Builder::build`].
     pub fn build(self) -> Result<TokenManager, Error> {
-        // One source's checks, once: the same rules for every grant.
-        let probe = RefreshingTokenSource::builder(self.profile.clone(), self.credentials.clone())
-            .shared_store(Arc::new(MemoryStore::new()))
-            .store_timeout(self.store_timeout);
-        let probe = match self.lease_ttl {
-            Some(ttl) => probe.lease_ttl(ttl),
-            None => probe,
-        };
-        probe.build()?;
+        let timing = timing(
+            &self.profile,
+            self.lease_ttl,
+            self.store_timeout,
+            DEFAULT_TAKEOVER_AFTER,
+            DEFAULT_FORCED_REFRESH_INTERVAL,
+        )?;
         if self.capacity == 0 {
             return Err(Error::Config(
                 "the manager's capacity must be at least 1".into(),
             ));
         }
-        let lease_ttl = self
-            .lease_ttl
-            .unwrap_or_else(|| default_lease_ttl(&self.profile));
         let engines = moka::sync::Cache::builder()
             .max_capacity(self.capacity)
             .time_to_idle(self.idle)
@@ -213,10 +208,7 @@ impl ManagerBuilder {
                 store: self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),
                 leeway: self.leeway,
                 clock: self.clock,
-                lease_ttl,
-                store_timeout: self.store_timeout,
-                takeover_after: crate::refresh::DEFAULT_TAKEOVER_AFTER,
-                forced_refresh_interval: crate::refresh::DEFAULT_FORCED_REFRESH_INTERVAL,
+                timing,
                 engines,
                 registry: Arc::default(),
                 events,
@@ -282,12 +274,7 @@ impl TokenManager {
                         None,
                         shared.leeway,
                         Arc::clone(&shared.clock),
-                        Timing {
-                            lease_ttl: shared.lease_ttl,
-                            store_timeout: shared.store_timeout,
-                            takeover_after: shared.takeover_after,
-                            forced_refresh_interval: shared.forced_refresh_interval,
-                        },
+                        shared.timing,
                         Some(shared.events.clone()),
                     );
                     engine.registry = Some(Arc::downgrade(&shared.registry));

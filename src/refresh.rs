@@ -175,33 +175,14 @@ impl Builder {
         store
             .check_key(&self.key)
             .map_err(|e| Error::Config(format!("the store cannot hold this key: {e}")))?;
-        let profile = &self.profile;
-        let lease_ttl = self.lease_ttl.unwrap_or_else(|| default_lease_ttl(profile));
-        if lease_ttl <= profile.request_timeout {
-            return Err(Error::Config(format!(
-                "the lease ttl ({lease_ttl:?}) must exceed the request timeout ({:?}): \
-                 a refresh is never started on a lease that could expire before its answer",
-                profile.request_timeout
-            )));
-        }
-        if lease_ttl > MAX_LEASE_TTL {
-            return Err(Error::Config(format!(
-                "the lease ttl ({lease_ttl:?}) is longer than a day: a dead holder would block every other one that long"
-            )));
-        }
-        if self.store_timeout.is_zero() || self.store_timeout > MAX_LEASE_TTL {
-            return Err(Error::Config(format!(
-                "the store timeout ({:?}) must be between zero and a day",
-                self.store_timeout
-            )));
-        }
+        let timing = timing(
+            &self.profile,
+            self.lease_ttl,
+            self.store_timeout,
+            self.takeover_after,
+            self.forced_refresh_interval,
+        )?;
         let endpoint = Arc::new(TokenEndpoint::new(self.profile, self.credentials)?);
-        let timing = Timing {
-            lease_ttl,
-            store_timeout: self.store_timeout,
-            takeover_after: self.takeover_after,
-            forced_refresh_interval: self.forced_refresh_interval,
-        };
         Ok(RefreshingTokenSource {
             inner: Arc::new(Engine::new(
                 endpoint,
@@ -217,12 +198,44 @@ impl Builder {
     }
 }
 
-/// The lease ttl when none is set: the request's whole timeout, plus 30 s.
-pub(crate) fn default_lease_ttl(profile: &ProviderProfile) -> StdDuration {
-    profile
-        .request_timeout
-        .saturating_add(profile.connect_timeout)
-        .saturating_add(StdDuration::from_secs(30))
+/// The checked timeouts of a grant's engine (a source's, or each of a manager's). The
+/// lease ttl defaults to the request's whole timeout plus 30 s.
+pub(crate) fn timing(
+    profile: &ProviderProfile,
+    lease_ttl: Option<StdDuration>,
+    store_timeout: StdDuration,
+    takeover_after: StdDuration,
+    forced_refresh_interval: StdDuration,
+) -> Result<Timing, Error> {
+    let lease_ttl = lease_ttl.unwrap_or_else(|| {
+        profile
+            .request_timeout
+            .saturating_add(profile.connect_timeout)
+            .saturating_add(StdDuration::from_secs(30))
+    });
+    if lease_ttl <= profile.request_timeout {
+        return Err(Error::Config(format!(
+            "the lease ttl ({lease_ttl:?}) must exceed the request timeout ({:?}): \
+             a refresh is never started on a lease that could expire before its answer",
+            profile.request_timeout
+        )));
+    }
+    if lease_ttl > MAX_LEASE_TTL {
+        return Err(Error::Config(format!(
+            "the lease ttl ({lease_ttl:?}) is longer than a day: a dead holder would block every other one that long"
+        )));
+    }
+    if store_timeout.is_zero() || store_timeout > MAX_LEASE_TTL {
+        return Err(Error::Config(format!(
+            "the store timeout ({store_timeout:?}) must be between zero and a day"
+        )));
+    }
+    Ok(Timing {
+        lease_ttl,
+        store_timeout,
+        takeover_after,
+        forced_refresh_interval,
+    })
 }
 
 impl RefreshingTokenSource {

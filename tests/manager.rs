@@ -315,3 +315,16 @@ async fn a_failing_grant_does_not_hold_up_the_next_sweeps() {
     assert_ne!(imported(1), before[1], "the second grant was rotated");
     assert_eq!(manager.status().sweep_failures, 1);
 }
+
+/// The manager refuses what a source refuses: a lease that cannot outlast a request.
+#[tokio::test]
+async fn a_manager_checks_its_timeouts_like_a_source() {
+    let sim = Simulator::builder(Mode::Generic).start().await.unwrap();
+    let outcome = TokenManager::builder(sim.profile(), sim.credentials())
+        .lease_ttl(Duration::from_millis(1))
+        .build();
+    assert!(
+        matches!(outcome, Err(tokenkeeper::Error::Config(_))),
+        "{outcome:?}"
+    );
+}
