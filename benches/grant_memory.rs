@@ -65,9 +65,10 @@ fn main() {
         let _ = manager.status();
         let after = LIVE.load(Ordering::Relaxed);
         let per_grant = (after - before) / n as isize;
+        let token_text = token_bytes / n;
         println!(
-            "{n} loaded grants: {per_grant} bytes each beyond the store ({} of them token text)",
-            token_bytes / n
+            "{n} loaded grants: {per_grant} bytes each beyond the store ({token_text} of them token text; {} beyond it)",
+            per_grant - token_text as isize
         );
     }
 }

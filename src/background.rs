@@ -52,7 +52,9 @@ impl RefreshingTokenSource {
         let inner = &self.inner;
         let cached = inner.cache.load_full();
         let due = match &cached {
-            Some(c) => c.keep_alive_at.is_some_and(|at| inner.clock.now() >= at),
+            Some(c) => c
+                .keep_alive_at
+                .is_some_and(|at| inner.config.clock.now() >= at),
             // Nothing loaded yet: the protocol adopts the stored set unless it needs a
             // refresh for its own sake.
             None => true,
@@ -126,7 +128,7 @@ async fn refresh_if_stale(source: &RefreshingTokenSource) -> Result<(), Error> {
         .cache
         .load()
         .as_ref()
-        .is_some_and(|c| c.stale_at.is_some_and(|at| inner.clock.now() >= at));
+        .is_some_and(|c| c.stale_at.is_some_and(|at| inner.config.clock.now() >= at));
     if stale {
         inner.refresh_now(Reason::AccessToken).await?;
     }
@@ -137,7 +139,7 @@ async fn refresh_if_stale(source: &RefreshingTokenSource) -> Result<(), Error> {
 /// instant, whichever comes first.
 fn next_wake(source: &RefreshingTokenSource, duty: Duty, jitter: f64) -> StdDuration {
     let inner = &source.inner;
-    let now = inner.clock.now();
+    let now = inner.config.clock.now();
     let Some(cached) = inner.cache.load_full() else {
         return MAX_SLEEP;
     };

@@ -151,7 +151,7 @@ struct Exchange {
 impl Exchange {
     fn new(profile: ProviderProfile, credentials: ClientCredentials) -> Result<Self, Error> {
         Ok(Self {
-            endpoint: TokenEndpoint::new(profile, credentials)?,
+            endpoint: TokenEndpoint::new(profile, credentials, None)?,
         })
     }
 

@@ -20,12 +20,12 @@ use tokio::time::Instant;
 
 use crate::clock::Clock;
 use crate::error::{Error, TransientKind};
-use crate::events::{Event, EventKind, EventSink};
+use crate::events::{EventKind, EventSink};
 use crate::http::TokenEndpoint;
 use crate::lease::{HeldLease, bounded};
 use crate::retry::{Backoff, StoreSpacing};
 use crate::secret::{AccessToken, RefreshToken};
-use crate::status::Metrics;
+use crate::status::{Health, Metrics};
 use crate::store::TokenStore;
 use crate::token::{Freshness, RotationInFlight, TokenSet};
 
@@ -111,20 +111,36 @@ pub(crate) struct Timing {
     pub(crate) store_timeout: StdDuration,
     pub(crate) takeover_after: StdDuration,
     pub(crate) forced_refresh_interval: StdDuration,
+    /// After how long of continuous provider failures a grant is *exhausted*: its
+    /// attempts are then [`EXHAUSTED_RETRY`] apart, and once its refresh token's own
+    /// lifetime has passed it needs consent.
+    pub(crate) exhausted_after: StdDuration,
 }
 
-/// One grant: its store key, its published token, its state and its flight.
-pub(crate) struct Engine {
-    /// Shared by every grant of one provider and client (a manager's grants).
+/// What the engines of one source, or of one manager's grants, share: built once, so
+/// that a loaded grant costs only its own state.
+pub(crate) struct EngineConfig {
+    /// The provider's token endpoint (one HTTP client).
     pub(crate) endpoint: Arc<TokenEndpoint>,
     pub(crate) store: Arc<dyn TokenStore>,
-    pub(crate) key: String,
-    /// Marks this source's write-ahead records in the store.
-    pub(crate) id: String,
+    /// A single source's refresh token from the consent (a manager's grants have none).
     pub(crate) initial_refresh_token: Option<RefreshToken>,
     pub(crate) leeway: Duration,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) timing: Timing,
+    /// Where events go (a manager's channel), if anywhere.
+    pub(crate) events: Option<Arc<EventSink>>,
+    /// The manager's registry its engines are listed in, if any: each leaves it when
+    /// dropped.
+    pub(crate) registry: Option<Weak<Registry>>,
+}
+
+/// One grant: its store key, its published token, its state and its flight.
+pub(crate) struct Engine {
+    pub(crate) config: Arc<EngineConfig>,
+    pub(crate) key: String,
+    /// Marks this source's write-ahead records in the store (see [`Engine::holder`]).
+    id: u128,
     /// The published access token: the hot path reads only this.
     pub(crate) cache: ArcSwapOption<Cached>,
     flight: Mutex<FlightSlot>,
@@ -132,11 +148,6 @@ pub(crate) struct Engine {
     /// [`Engine::access_token_for`]); at most [`SCOPED_KEPT`].
     scoped: Mutex<Vec<ScopedEntry>>,
     state: Mutex<State>,
-    /// Where events go (a manager's channel), if anywhere.
-    events: Option<EventSink>,
-    /// The manager's registry this engine is listed in, if any: it leaves it when
-    /// dropped.
-    pub(crate) registry: Option<Weak<Registry>>,
 }
 
 /// A manager's live engines by key: the one place engines are found or created, so that
@@ -145,7 +156,7 @@ pub(crate) type Registry = Mutex<std::collections::HashMap<String, Weak<Engine>>
 
 impl Drop for Engine {
     fn drop(&mut self) {
-        if let Some(registry) = self.registry.as_ref().and_then(Weak::upgrade) {
+        if let Some(registry) = self.config.registry.as_ref().and_then(Weak::upgrade) {
             let mut engines = lock(&registry);
             // Only this engine's own entry (a successor may already be listed).
             if engines
@@ -159,33 +170,21 @@ impl Drop for Engine {
 }
 
 impl Engine {
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn new(
-        endpoint: Arc<TokenEndpoint>,
-        store: Arc<dyn TokenStore>,
-        key: String,
-        initial_refresh_token: Option<RefreshToken>,
-        leeway: Duration,
-        clock: Arc<dyn Clock>,
-        timing: Timing,
-        events: Option<EventSink>,
-    ) -> Self {
+    pub(crate) fn new(config: Arc<EngineConfig>, key: String) -> Self {
         Self {
-            events,
-            registry: None,
-            endpoint,
-            store,
+            config,
             key,
-            id: format!("{:032x}", fastrand::u128(..)),
-            initial_refresh_token,
-            leeway,
-            clock,
-            timing,
+            id: fastrand::u128(..),
             cache: ArcSwapOption::empty(),
             flight: Mutex::new(FlightSlot::default()),
             scoped: Mutex::new(Vec::new()),
             state: Mutex::new(State::default()),
         }
+    }
+
+    /// This engine's name in its write-ahead records.
+    pub(crate) fn holder(&self) -> String {
+        format!("{:032x}", self.id)
     }
 }
 
@@ -213,10 +212,8 @@ pub(crate) struct State {
     pub(crate) metrics: Metrics,
     pub(crate) last_refresh: Option<OffsetDateTime>,
     pub(crate) last_error: Option<Box<Error>>,
-    /// Spacing of attempts after provider failures.
-    pub(crate) backoff: Backoff,
-    /// Spacing of attempts after store failures.
-    pub(crate) store_spacing: StoreSpacing,
+    /// Spacing and duration of failures (boxed: most grants never fail).
+    pub(crate) trouble: Option<Box<Trouble>>,
     /// A rotated set not yet saved.
     pub(crate) unsaved: Option<Box<Unsaved>>,
     /// True while a task retries saving `unsaved` (it holds, or re-takes, the lease).
@@ -224,9 +221,6 @@ pub(crate) struct State {
     /// Tasks still giving back a lease this source no longer needs (see
     /// [`RefreshingTokenSource::flush`]).
     pub(crate) lease_tasks: usize,
-    /// True after a failure other than a dead grant, until the next success (which is
-    /// then a [`EventKind::Recovered`]).
-    pub(crate) failing: bool,
     /// Bumped, under the lease, when a revoke or an import replaces the grant: a flight
     /// started under an older epoch (its store reads or its answer arriving late)
     /// publishes nothing and keeps no rotated set.
@@ -249,6 +243,59 @@ pub(crate) struct State {
     /// that hands one back has lost acknowledged writes, and it is never presented again.
     pub(crate) consumed: std::collections::VecDeque<RefreshToken>,
 }
+
+/// What only a grant in trouble needs: the spacing of its next attempt, and how long it
+/// has failed.
+#[derive(Debug, Default)]
+pub(crate) struct Trouble {
+    /// Spacing of attempts after provider failures.
+    pub(crate) backoff: Backoff,
+    /// Spacing of attempts after store failures.
+    pub(crate) store_spacing: StoreSpacing,
+    /// True after a failure other than a dead grant, until the next success (which is
+    /// then a [`EventKind::Recovered`]).
+    pub(crate) failing: bool,
+    /// When the provider's failures for this grant began (wall clock), until a success.
+    pub(crate) failing_since: Option<OffsetDateTime>,
+    /// The provider has failed for longer than [`Timing::exhausted_after`]: attempts are
+    /// [`EXHAUSTED_RETRY`] apart.
+    pub(crate) exhausted: bool,
+}
+
+impl State {
+    /// The grant's trouble record, created on its first failure.
+    pub(crate) fn trouble(&mut self) -> &mut Trouble {
+        self.trouble.get_or_insert_with(Box::default)
+    }
+
+    /// The provider answered a refresh: its backoff and failure time start over.
+    pub(crate) fn provider_succeeded(&mut self) {
+        if let Some(trouble) = &mut self.trouble {
+            trouble.backoff.succeeded();
+            trouble.failing_since = None;
+            trouble.exhausted = false;
+        }
+    }
+
+    /// A flight succeeded: the store's spacing and the failure time start over. Returns
+    /// whether the grant was failing (then it has recovered).
+    fn succeeded(&mut self) -> bool {
+        let Some(trouble) = &mut self.trouble else {
+            return false;
+        };
+        trouble.store_spacing.succeeded();
+        trouble.failing_since = None;
+        trouble.exhausted = false;
+        let recovered = std::mem::take(&mut trouble.failing);
+        if trouble.backoff.is_idle() {
+            self.trouble = None;
+        }
+        recovered
+    }
+}
+
+/// How far apart attempts are for an exhausted grant (see [`Timing::exhausted_after`]).
+pub(crate) const EXHAUSTED_RETRY: StdDuration = StdDuration::from_secs(3600);
 
 /// How often a grant known to be dead is looked up again (a re-import by another process).
 pub(crate) const DEAD_RECHECK: StdDuration = StdDuration::from_secs(10);
@@ -273,16 +320,16 @@ impl Engine {
     }
 
     pub(crate) fn now(&self) -> Instant {
-        self.clock.monotonic()
+        self.config.clock.monotonic()
     }
 
     /// Takes the store lease for this key, bounded by the timeouts.
     pub(crate) async fn acquire(&self) -> Result<HeldLease, Error> {
         HeldLease::acquire(
-            &self.store,
+            &self.config.store,
             &self.key,
-            self.timing.lease_ttl,
-            self.timing.store_timeout,
+            self.config.timing.lease_ttl,
+            self.config.timing.store_timeout,
         )
         .await
         .map_err(crate::lease::lease_error)
@@ -293,7 +340,7 @@ impl Engine {
         &self,
         call: impl std::future::Future<Output = Result<T, crate::store::StoreError>>,
     ) -> Result<T, Error> {
-        bounded(self.timing.store_timeout, call)
+        bounded(self.config.timing.store_timeout, call)
             .await
             .map_err(Error::Storage)
     }
@@ -309,18 +356,26 @@ impl Engine {
                 Gate::Look(dead.error.clone())
             };
         }
+        let trouble = state.trouble.as_deref();
+        let store_too_early = trouble.and_then(|t| t.store_spacing.too_early(now));
         if state.persisting {
-            return Gate::Refuse(state.store_spacing.too_early(now).unwrap_or_else(|| {
+            return Gate::Refuse(store_too_early.unwrap_or_else(|| {
                 Error::transient(TransientKind::LeaseBusy, Some(StdDuration::from_secs(1)))
             }));
         }
-        if let Some(e) = state.store_spacing.too_early(now) {
+        if let Some(e) = store_too_early {
             return Gate::Refuse(e);
         }
-        if let Some(e) = state.backoff.too_early(now) {
+        if let Some((e, trouble)) = trouble.and_then(|t| Some((t.backoff.too_early(now)?, t))) {
+            // An exhausted grant reads the store as seldom as a dead one.
+            let look_interval = if trouble.exhausted {
+                DEAD_RECHECK
+            } else {
+                LOOK_INTERVAL
+            };
             let looked_recently = state
                 .last_look
-                .is_some_and(|at| now.saturating_duration_since(at) < LOOK_INTERVAL);
+                .is_some_and(|at| now.saturating_duration_since(at) < look_interval);
             return if reason == Reason::AccessToken && !looked_recently {
                 Gate::Look(e)
             } else {
@@ -337,10 +392,10 @@ impl Engine {
     #[inline]
     pub(crate) async fn access_token(self: &Arc<Self>) -> Outcome {
         if let Some(cached) = &*self.cache.load() {
-            if self.clock.monotonic() < cached.fresh_until {
+            if self.config.clock.monotonic() < cached.fresh_until {
                 return Ok(cached.token.clone());
             }
-            match cached.freshness(self.clock.now()) {
+            match cached.freshness(self.config.clock.now()) {
                 Freshness::Fresh => {
                     self.rearm(cached);
                     return Ok(cached.token.clone());
@@ -361,10 +416,12 @@ impl Engine {
     /// clock is read again at least that often (the monotonic clock stops while the
     /// machine sleeps, and the wall clock may be corrected forward).
     fn monotonic_deadline(&self, at: Option<OffsetDateTime>) -> Instant {
-        let now = self.clock.monotonic();
+        let now = self.config.clock.monotonic();
         let left = match at {
             None => MONOTONIC_WINDOW,
-            Some(at) => StdDuration::try_from(at - self.clock.now()).unwrap_or(StdDuration::ZERO),
+            Some(at) => {
+                StdDuration::try_from(at - self.config.clock.now()).unwrap_or(StdDuration::ZERO)
+            }
         };
         now.checked_add(left.min(MONOTONIC_WINDOW)).unwrap_or(now)
     }
@@ -404,7 +461,7 @@ impl Engine {
             let mut slot = self.flight();
             // Re-check under the gate: a flight may have just published.
             if let Some(cached) = &*self.cache.load()
-                && cached.freshness(self.clock.now()) != Freshness::Expired
+                && cached.freshness(self.config.clock.now()) != Freshness::Expired
             {
                 return Ok(cached.token.clone());
             }
@@ -426,7 +483,7 @@ impl Engine {
             return Err(e);
         }
         match &*self.cache.load() {
-            Some(cached) if cached.freshness(self.clock.now()) != Freshness::Expired => {
+            Some(cached) if cached.freshness(self.config.clock.now()) != Freshness::Expired => {
                 Ok(cached.token.clone())
             }
             _ => Err(e),
@@ -538,7 +595,7 @@ impl Engine {
     /// that scope, whose new refresh token is saved with the full-scope access token
     /// (see ARCHITECTURE.md).
     pub(crate) async fn access_token_for(self: &Arc<Self>, scope: &[&str]) -> Outcome {
-        let profile = self.endpoint.profile();
+        let profile = self.config.endpoint.profile();
         if profile.refresh_token_narrows_with_scope {
             return Err(Error::Config(format!(
                 "the {} profile's refresh tokens narrow with the scope: a downscoped refresh would consume the grant's full refresh token; keep the narrow grant under its own key (its own consent)",
@@ -556,7 +613,7 @@ impl Engine {
         let flight = {
             let mut slot = self.flight();
             let mut scoped = lock(&self.scoped);
-            let now = self.clock.now();
+            let now = self.config.clock.now();
             let position = scoped.iter().position(|e| e.scope == scope);
             if let Some(entry) = position.map(|i| &scoped[i]) {
                 if let Some(cached) = &entry.cached
@@ -639,8 +696,7 @@ impl Engine {
         let mut state = self.state();
         match &mut outcome {
             Ok(_) => {
-                state.store_spacing.succeeded();
-                if std::mem::take(&mut state.failing) {
+                if state.succeeded() {
                     drop(state);
                     self.emit(EventKind::Recovered);
                     return outcome;
@@ -649,8 +705,10 @@ impl Engine {
             Err(e) => {
                 state.metrics.count_failure(e);
                 state.last_error = Some(Box::new(e.clone()));
-                state.failing = !e.needs_reauthorization();
                 if e.needs_reauthorization() {
+                    if let Some(trouble) = &mut state.trouble {
+                        trouble.failing = false;
+                    }
                     if state.dead.is_none() {
                         self.emit(EventKind::NeedsConsent);
                     }
@@ -665,12 +723,18 @@ impl Engine {
                     }));
                 } else if crate::retry::is_store_side(e) {
                     state.metrics.store_failures += 1;
-                    let wait = state.store_spacing.failed(now, e);
+                    let trouble = state.trouble();
+                    trouble.failing = true;
+                    let wait = trouble.store_spacing.failed(now, e);
                     if let Error::Transient { retry_after, .. } = e {
                         *retry_after = Some(retry_after.map_or(wait, |r| r.max(wait)));
                     }
-                } else if let Error::Transient { retry_after, .. } = e {
-                    *retry_after = state.backoff.wait(now).or(*retry_after);
+                } else {
+                    let trouble = state.trouble();
+                    trouble.failing = true;
+                    if let Error::Transient { retry_after, .. } = e {
+                        *retry_after = trouble.backoff.wait(now).or(*retry_after);
+                    }
                 }
             }
         }
@@ -679,12 +743,8 @@ impl Engine {
 
     /// Sends an event about this grant, if anyone listens.
     pub(crate) fn emit(&self, kind: EventKind) {
-        if let Some(events) = &self.events {
-            // No receiver is no error: nobody listens.
-            let _ = events.send(Event {
-                key: self.key.clone(),
-                kind,
-            });
+        if let Some(events) = &self.config.events {
+            events.send(&self.key, kind);
         }
     }
 
@@ -702,7 +762,7 @@ impl Engine {
     /// What the hot path needs of `set`, if it holds an access token.
     fn cached_of(&self, set: &TokenSet) -> Option<Cached> {
         let token = set.access_token.clone()?;
-        let stale_at = set.stale_at(self.leeway);
+        let stale_at = set.stale_at(self.config.leeway);
         Some(Cached {
             token,
             fresh_until: self.monotonic_deadline(stale_at),
@@ -713,10 +773,36 @@ impl Engine {
         })
     }
 
+    /// Where the grant stands (for [`Status::health`](crate::Status::health)).
+    pub(crate) fn health(&self, state: &State) -> Health {
+        if state.dead.is_some() {
+            return Health::NeedsConsent;
+        }
+        let Some(trouble) = state.trouble.as_deref() else {
+            return Health::Healthy;
+        };
+        let now = self.now();
+        let retry_in = trouble
+            .backoff
+            .wait(now)
+            .max(trouble.store_spacing.wait(now));
+        match trouble.failing_since {
+            Some(failing_since) if trouble.exhausted => Health::Exhausted {
+                failing_since,
+                retry_in,
+            },
+            failing_since if trouble.failing || retry_in.is_some() => Health::CoolingDown {
+                failing_since,
+                retry_in,
+            },
+            _ => Health::Healthy,
+        }
+    }
+
     /// Whether a refresh forced by a rejected token may be sent now.
     pub(crate) fn forced_refresh_allowed(&self, state: &State) -> bool {
         state.last_forced_refresh.is_none_or(|at| {
-            self.now().saturating_duration_since(at) >= self.timing.forced_refresh_interval
+            self.now().saturating_duration_since(at) >= self.config.timing.forced_refresh_interval
         })
     }
 }

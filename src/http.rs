@@ -57,6 +57,33 @@ impl GrantRequest<'_> {
     }
 }
 
+/// A client for one profile: no redirects, the profile's timeouts, and no proxy when a
+/// URL is on loopback.
+fn own_client(profile: &ProviderProfile) -> Result<reqwest::Client, Error> {
+    let mut builder = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(profile.connect_timeout)
+        .timeout(profile.request_timeout);
+    if profile.any_url_is_loopback() {
+        // A proxy from HTTP_PROXY cannot reach this machine's loopback, and must not
+        // carry a code or a secret sent to it in clear.
+        builder = builder.no_proxy();
+    }
+    builder
+        .build()
+        .map_err(|e| Error::Config(format!("cannot build the HTTP client: {e}")))
+}
+
+/// `url` without its query (which may carry a code or a token) or credentials.
+fn redacted_url(url: &url::Url) -> String {
+    format!(
+        "{}://{}{}",
+        url.scheme(),
+        url.host_str().unwrap_or_default(),
+        url.path()
+    )
+}
+
 /// How a refresh attempt ended, when it did not succeed.
 #[derive(Debug)]
 pub(crate) enum RefreshFailure {
@@ -67,23 +94,19 @@ pub(crate) enum RefreshFailure {
 }
 
 impl TokenEndpoint {
+    /// The endpoint of `profile`, sending with `client` when given (see
+    /// [`crate::Builder::http_client`]), otherwise with a client of its own built for it:
+    /// no redirects, the profile's timeouts, and no proxy when a URL is on loopback.
     pub(crate) fn new(
         profile: ProviderProfile,
         credentials: ClientCredentials,
+        client: Option<reqwest::Client>,
     ) -> Result<Self, Error> {
         profile.validate()?;
-        let mut builder = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(profile.connect_timeout)
-            .timeout(profile.request_timeout);
-        if profile.any_url_is_loopback() {
-            // A proxy from HTTP_PROXY cannot reach this machine's loopback, and must not
-            // carry a code or a secret sent to it in clear.
-            builder = builder.no_proxy();
-        }
-        let client = builder
-            .build()
-            .map_err(|e| Error::Config(format!("cannot build the HTTP client: {e}")))?;
+        let client = match client {
+            Some(client) => client,
+            None => own_client(&profile)?,
+        };
         Ok(Self {
             profile,
             credentials,
@@ -145,10 +168,28 @@ impl TokenEndpoint {
         &self,
         request: reqwest::RequestBuilder,
     ) -> Result<(StatusCode, HeaderMap, Vec<u8>), Error> {
-        let response = request
-            .send()
+        // The profile's timeout on every request, whatever client sends it.
+        let request = request
+            .timeout(self.profile.request_timeout)
+            .build()
+            .map_err(|e| transport_error(e, TransientKind::Connect))?;
+        let sent_to = request.url().clone();
+        let response = self
+            .client
+            .execute(request)
             .await
             .map_err(|e| transport_error(e, TransientKind::Connect))?;
+        if response.url() != &sent_to {
+            // Only a client given by the application can follow a redirect (its own never
+            // does): whatever came back is not the provider's answer to this request.
+            return Err(Error::Config(format!(
+                "the HTTP client followed a redirect from {} to {}: a token request must \
+                 never be redirected (the client id and secret, the refresh token or the \
+                 code would follow it); build the client with `redirect(reqwest::redirect::Policy::none())`",
+                redacted_url(&sent_to),
+                redacted_url(response.url())
+            )));
+        }
         let status = response.status();
         let headers = response.headers().clone();
         let body = read_capped(response, self.profile.max_response_bytes).await?;

@@ -92,14 +92,14 @@ mod token;
 pub use background::BackgroundTask;
 pub use clock::{Clock, ManualClock, SystemClock, TokioClock};
 pub use error::{ConsentFailure, Error, ProviderError, ReauthorizationReason, TransientKind};
-pub use events::{Event, EventKind};
+pub use events::{Event, EventCounts, EventKind};
 #[cfg(feature = "manager")]
 pub use manager::{ManagerBuilder, ManagerStatus, SweepOptions, TokenManager};
 pub use provider::ProviderProfile;
 pub use refresh::{Builder, RefreshingTokenSource};
 pub use secret::{AccessToken, ClientCredentials, ClientSecret, RefreshToken};
 pub use source::TokenSource;
-pub use status::{Metrics, Status};
+pub use status::{Health, Metrics, Status};
 pub use store::{FileStore, MemoryStore, TokenStore, Versioned};
 pub use token::{
     DEFAULT_LEEWAY, ExpiryFields, Freshness, RotationInFlight, TokenSet, absolute_expiry,

@@ -21,15 +21,12 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration as StdDuration;
 
 use crate::clock::{Clock, SystemClock};
-use crate::engine::{Engine, Reason, Registry, Timing};
+use crate::engine::{Engine, EngineConfig, Reason, Registry};
 use crate::error::{Error, TransientKind};
-use crate::events::{Event, EventSink};
+use crate::events::{Event, EventCounts, EventSink};
 use crate::http::TokenEndpoint;
 use crate::provider::ProviderProfile;
-use crate::refresh::{
-    DEFAULT_FORCED_REFRESH_INTERVAL, DEFAULT_STORE_TIMEOUT, DEFAULT_TAKEOVER_AFTER,
-    RefreshingTokenSource, timing,
-};
+use crate::refresh::{RefreshingTokenSource, TimingOptions};
 use crate::secret::ClientCredentials;
 use crate::store::{MemoryStore, TokenStore};
 use crate::token::DEFAULT_LEEWAY;
@@ -70,18 +67,15 @@ pub struct TokenManager {
 }
 
 struct Shared {
-    endpoint: Arc<TokenEndpoint>,
-    store: Arc<dyn TokenStore>,
-    leeway: time::Duration,
-    clock: Arc<dyn Clock>,
-    timing: Timing,
+    /// What every engine shares (endpoint, store, clock, timing, events).
+    config: Arc<EngineConfig>,
     /// The engines kept in memory (strong references), bounded by capacity and idle
     /// time. Finding and creating engines is the registry's job.
     engines: moka::sync::Cache<String, Arc<Engine>>,
     /// Every live engine by key (a handle, a flight or the cache holds it): the one place
     /// engines are found or created.
     registry: Arc<Registry>,
-    events: EventSink,
+    events: Arc<EventSink>,
     counters: Counters,
     /// A fleet-wide pause after a `429` (the monotonic instant it ends).
     paused_until: Mutex<Option<tokio::time::Instant>>,
@@ -92,8 +86,8 @@ struct Shared {
 impl fmt::Debug for TokenManager {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TokenManager")
-            .field("provider", &self.shared.endpoint.profile().name)
-            .field("store", &self.shared.store)
+            .field("provider", &self.shared.config.endpoint.profile().name)
+            .field("store", &self.shared.config.store)
             .field("loaded", &self.shared.engines.entry_count())
             .finish_non_exhaustive()
     }
@@ -117,14 +111,17 @@ pub struct ManagerBuilder {
     clock: Arc<dyn Clock>,
     capacity: u64,
     idle: StdDuration,
-    lease_ttl: Option<StdDuration>,
-    store_timeout: StdDuration,
+    timing: TimingOptions,
+    http_client: Option<reqwest::Client>,
 }
 
 /// A grant a sweep failed to keep alive is tried again after this, doubling.
 const SWEEP_RETRY_FIRST: StdDuration = StdDuration::from_secs(30);
 /// ... up to this.
 const SWEEP_RETRY_MAX: StdDuration = StdDuration::from_secs(24 * 3600);
+/// A failing grant's record is dropped this long after its retry (the grant was deleted,
+/// or no longer due).
+const SWEEP_FORGET_AFTER: StdDuration = StdDuration::from_secs(2 * 24 * 3600);
 /// The shortest interval between sweeps.
 const SWEEP_INTERVAL_MIN: StdDuration = StdDuration::from_secs(1);
 
@@ -173,25 +170,44 @@ impl ManagerBuilder {
 
     /// The store lease's ttl (see [`crate::Builder::lease_ttl`]).
     pub fn lease_ttl(mut self, ttl: StdDuration) -> Self {
-        self.lease_ttl = Some(ttl);
+        self.timing.lease_ttl = Some(ttl);
         self
     }
 
     /// The bound on one store call (see [`crate::Builder::store_timeout`]).
     pub fn store_timeout(mut self, timeout: StdDuration) -> Self {
-        self.store_timeout = timeout;
+        self.timing.store_timeout = timeout;
+        self
+    }
+
+    /// After how long of continuous provider failures a grant counts as exhausted (see
+    /// [`crate::Builder::exhausted_after`]; default a day): its attempts are then an hour
+    /// apart, sweeps included, so that a grant the provider keeps failing costs next to
+    /// nothing. The failure time lives in the grant's memory: a grant evicted and loaded
+    /// again starts counting anew (a sweep still spaces it, up to a day).
+    pub fn exhausted_after(mut self, after: StdDuration) -> Self {
+        self.timing.exhausted_after = after;
+        self
+    }
+
+    /// The HTTP client token requests are sent with (a proxy, extra root certificates,
+    /// a user agent, connection limits), shared with whatever else uses it. Default: a
+    /// client of this manager (one for all its grants)'s own. The profile's request timeout applies to every
+    /// request whatever the client's own settings, and the body is capped as ever. The
+    /// client **must not follow redirects** (`redirect(reqwest::redirect::Policy::none())`):
+    /// a token request redirected with `307` or `308` would carry the client secret and
+    /// the refresh token to the redirect's target. A response that arrives from another
+    /// URL than the request's is refused with [`Error::Config`](crate::Error::Config), but
+    /// by then the request has been sent. Its proxy settings apply even to a loopback
+    /// token endpoint (the default client never proxies those).
+    pub fn http_client(mut self, client: reqwest::Client) -> Self {
+        self.http_client = Some(client);
         self
     }
 
     /// Builds the manager. The same checks as [`crate::Builder::build`].
     pub fn build(self) -> Result<TokenManager, Error> {
-        let timing = timing(
-            &self.profile,
-            self.lease_ttl,
-            self.store_timeout,
-            DEFAULT_TAKEOVER_AFTER,
-            DEFAULT_FORCED_REFRESH_INTERVAL,
-        )?;
+        let timing = self.timing.check(&self.profile)?;
         if self.capacity == 0 {
             return Err(Error::Config(
                 "the manager's capacity must be at least 1".into(),
@@ -201,16 +217,26 @@ impl ManagerBuilder {
             .max_capacity(self.capacity)
             .time_to_idle(self.idle)
             .build();
-        let (events, _) = tokio::sync::broadcast::channel(1024);
+        let events = Arc::new(EventSink::new(1024));
+        let registry = Arc::default();
         Ok(TokenManager {
             shared: Arc::new(Shared {
-                endpoint: Arc::new(TokenEndpoint::new(self.profile, self.credentials)?),
-                store: self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),
-                leeway: self.leeway,
-                clock: self.clock,
-                timing,
+                config: Arc::new(EngineConfig {
+                    endpoint: Arc::new(TokenEndpoint::new(
+                        self.profile,
+                        self.credentials,
+                        self.http_client,
+                    )?),
+                    store: self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),
+                    initial_refresh_token: None,
+                    leeway: self.leeway,
+                    clock: self.clock,
+                    timing,
+                    events: Some(Arc::clone(&events)),
+                    registry: Some(Arc::downgrade(&registry)),
+                }),
                 engines,
-                registry: Arc::default(),
+                registry,
                 events,
                 counters: Counters::default(),
                 paused_until: Mutex::new(None),
@@ -235,8 +261,8 @@ impl TokenManager {
             clock: Arc::new(SystemClock),
             capacity: DEFAULT_CAPACITY,
             idle: DEFAULT_IDLE,
-            lease_ttl: None,
-            store_timeout: DEFAULT_STORE_TIMEOUT,
+            timing: TimingOptions::default(),
+            http_client: None,
         }
     }
 
@@ -255,6 +281,7 @@ impl TokenManager {
             return Ok(engine);
         }
         shared
+            .config
             .store
             .check_key(key)
             .map_err(|e| Error::Config(format!("the store cannot hold this key: {e}")))?;
@@ -267,18 +294,7 @@ impl TokenManager {
                         .counters
                         .engines_created
                         .fetch_add(1, Ordering::Relaxed);
-                    let mut engine = Engine::new(
-                        Arc::clone(&shared.endpoint),
-                        Arc::clone(&shared.store),
-                        key.to_owned(),
-                        None,
-                        shared.leeway,
-                        Arc::clone(&shared.clock),
-                        shared.timing,
-                        Some(shared.events.clone()),
-                    );
-                    engine.registry = Some(Arc::downgrade(&shared.registry));
-                    let engine = Arc::new(engine);
+                    let engine = Arc::new(Engine::new(Arc::clone(&shared.config), key.to_owned()));
                     registry.insert(key.to_owned(), Arc::downgrade(&engine));
                     engine
                 }
@@ -307,6 +323,7 @@ impl TokenManager {
             sweeps: counters.sweeps.load(Ordering::Relaxed),
             swept: counters.swept.load(Ordering::Relaxed),
             sweep_failures: counters.sweep_failures.load(Ordering::Relaxed),
+            events: shared.events.counts(),
         }
     }
 
@@ -320,16 +337,24 @@ impl TokenManager {
     pub async fn sweep(&self, options: &SweepOptions) -> Result<usize, Error> {
         let shared = &self.shared;
         shared.counters.sweeps.fetch_add(1, Ordering::Relaxed);
-        let now = tokio::time::Instant::now();
+        let now = shared.config.clock.monotonic();
         let skipped: std::collections::HashSet<String> = {
             let mut failing = lock(&shared.failing);
-            failing.retain(|_, (_, retry_at)| *retry_at > now);
-            failing.keys().cloned().collect()
+            // Kept past its retry (the next failure doubles the wait), forgotten long after.
+            failing.retain(|_, (_, retry_at)| {
+                now.saturating_duration_since(*retry_at) < SWEEP_FORGET_AFTER
+            });
+            failing
+                .iter()
+                .filter(|(_, (_, retry_at))| *retry_at > now)
+                .map(|(key, _)| key.clone())
+                .collect()
         };
         let keys = shared
+            .config
             .store
             .due(
-                shared.clock.now(),
+                shared.config.clock.now(),
                 options.batch.saturating_add(skipped.len()),
             )
             .await
@@ -376,12 +401,15 @@ impl TokenManager {
             Err(e) => {
                 counters.sweep_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(key = %key, error = %e, "keeping a grant alive failed");
-                let now = tokio::time::Instant::now();
+                let now = shared.config.clock.monotonic();
                 {
                     let mut failing = lock(&shared.failing);
                     let failures = failing.get(key).map_or(0, |(n, _)| *n).saturating_add(1);
+                    // Doubling, and never before the grant's own next attempt (an
+                    // exhausted grant's is an hour away).
                     let wait = SWEEP_RETRY_FIRST
                         .saturating_mul(1 << failures.min(12))
+                        .max(e.retry_after().unwrap_or_default())
                         .min(SWEEP_RETRY_MAX);
                     let retry_at = now.checked_add(wait).unwrap_or(now);
                     failing.insert(key.to_owned(), (failures, retry_at));
@@ -393,6 +421,7 @@ impl TokenManager {
                 } = e
                 {
                     let wait = retry_after.unwrap_or(StdDuration::from_secs(60));
+                    let now = tokio::time::Instant::now();
                     let until = now.checked_add(wait).unwrap_or(now);
                     let mut paused = lock(&shared.paused_until);
                     *paused = Some(paused.map_or(until, |p| p.max(until)));
@@ -492,4 +521,6 @@ pub struct ManagerStatus {
     pub swept: u64,
     /// Grants a sweep failed to keep alive (retried at the next sweep).
     pub sweep_failures: u64,
+    /// Events sent by the manager's grants so far, by kind.
+    pub events: EventCounts,
 }

@@ -29,7 +29,7 @@ use std::time::Duration as StdDuration;
 
 use time::{Duration, OffsetDateTime};
 
-use crate::engine::{Engine, Job, Outcome, Reason, Unsaved};
+use crate::engine::{EXHAUSTED_RETRY, Engine, Job, Outcome, Reason, Unsaved};
 use crate::error::{Error, ReauthorizationReason, TransientKind};
 use crate::events::EventKind;
 use crate::http::RefreshFailure;
@@ -146,10 +146,11 @@ impl Engine {
     /// fresh set, or after at most 5 s or a lease ttl, whichever is shorter.
     async fn await_rotation(&self, reason: Reason) -> Option<AccessToken> {
         let awaited = self.state().foreign_rotation.clone().map(|seen| seen.0);
-        let until = crate::store::deadline_after(self.timing.lease_ttl.min(AWAIT_ROTATION_AT_MOST));
+        let until =
+            crate::store::deadline_after(self.config.timing.lease_ttl.min(AWAIT_ROTATION_AT_MOST));
         while tokio::time::Instant::now() < until {
             tokio::time::sleep(WATCH_WHILE_WAITING).await;
-            let Ok(stored) = self.unleased(self.store.load(&self.key)).await else {
+            let Ok(stored) = self.unleased(self.config.store.load(&self.key)).await else {
                 continue;
             };
             let stored = stored?;
@@ -170,7 +171,7 @@ impl Engine {
             // Our own rotated set is newer than anything stored: settle it under the lease.
             return Ok(None);
         }
-        let stored = self.unleased(self.store.load(&self.key)).await?;
+        let stored = self.unleased(self.config.store.load(&self.key)).await?;
         self.state().last_look = Some(self.now());
         Ok(stored.and_then(|stored| {
             self.remember(&stored.value);
@@ -185,7 +186,7 @@ impl Engine {
         if let Some(dead) = &mut self.state().dead {
             dead.checked_at = now;
         }
-        let stored = match self.unleased(self.store.load(&self.key)).await {
+        let stored = match self.unleased(self.config.store.load(&self.key)).await {
             Ok(stored) => stored,
             // The fallback is what callers act on; the store's trouble is logged.
             Err(e) => {
@@ -303,7 +304,7 @@ impl Engine {
             return Err(Error::transient(TransientKind::Interrupted, None));
         }
         // Step 2.
-        let stored = held.op(self.store.load(&self.key)).await?;
+        let stored = held.op(self.config.store.load(&self.key)).await?;
         let (mut current, mut version) = self.current(held, stored).await?;
         if scope.is_none()
             && let Some(token) = self.adoptable(&current, reason)
@@ -332,7 +333,11 @@ impl Engine {
             };
 
             // Step 3: another holder's refresh in flight.
-            match current.rotation.as_ref().filter(|r| r.holder != self.id) {
+            match current
+                .rotation
+                .as_ref()
+                .filter(|r| r.holder != self.holder())
+            {
                 Some(rotation) => self.may_take_over(held, rotation)?,
                 None => self.state().foreign_rotation = None,
             }
@@ -353,7 +358,10 @@ impl Engine {
                 };
                 tracing::error!(key = %self.key, "the store went back in time (it handed back a refresh token this source already used); writing back the newest token set this source knows");
                 let saved = held
-                    .op(self.store.save(&self.key, &known, version, held.lease()))
+                    .op(self
+                        .config
+                        .store
+                        .save(&self.key, &known, version, held.lease()))
                     .await?;
                 current = known;
                 version = Some(saved);
@@ -362,7 +370,7 @@ impl Engine {
 
             // The lease must outlast the request before anything is written (a record
             // left for a token nobody presented would make others wait for nothing).
-            let timeout = self.endpoint.profile().request_timeout;
+            let timeout = self.config.endpoint.profile().request_timeout;
             if !held.outlasts(timeout).await {
                 return Err(Error::transient(TransientKind::LeaseBusy, None));
             }
@@ -370,9 +378,15 @@ impl Engine {
             // Step 4: the write-ahead record, new for every presentation (even over this
             // source's own earlier one), so that other holders time each presentation.
             let mut marked = current.clone();
-            marked.rotation = Some(RotationInFlight::new(&self.id, self.clock.now()));
+            marked.rotation = Some(RotationInFlight::new(
+                self.holder(),
+                self.config.clock.now(),
+            ));
             let saved = held
-                .op(self.store.save(&self.key, &marked, version, held.lease()))
+                .op(self
+                    .config
+                    .store
+                    .save(&self.key, &marked, version, held.lease()))
                 .await?;
             current = marked;
             version = Some(saved);
@@ -391,20 +405,20 @@ impl Engine {
                 }
                 forced
             };
-            let sent_at = self.clock.now();
-            tracing::debug!(key = %self.key, provider = %self.endpoint.profile().name, forced, "refreshing");
+            let sent_at = self.config.clock.now();
+            tracing::debug!(key = %self.key, provider = %self.config.endpoint.profile().name, forced, "refreshing");
             let answer = held
-                .during(self.endpoint.refresh(&refresh_token, scope, sent_at))
+                .during(self.config.endpoint.refresh(&refresh_token, scope, sent_at))
                 .await;
             match answer {
                 // Step 6.
                 Ok(response) => {
                     let next = merge(
-                        self.endpoint.profile(),
+                        self.config.endpoint.profile(),
                         &current,
                         response,
                         sent_at,
-                        self.clock.now(),
+                        self.config.clock.now(),
                     );
                     let Some(scope) = scope else {
                         self.save_rotated(
@@ -425,7 +439,11 @@ impl Engine {
                     // every refresh, or the API rejected it); the narrow token is the
                     // caller's alone.
                     let mut kept = next.clone();
-                    let full_survives = !self.endpoint.profile().refresh_invalidates_access_token
+                    let full_survives = !self
+                        .config
+                        .endpoint
+                        .profile()
+                        .refresh_invalidates_access_token
                         && self.state().rejected_access != current.access_token;
                     if full_survives {
                         kept.access_token = current.access_token.clone();
@@ -452,7 +470,7 @@ impl Engine {
                 }
                 // Step 7.
                 Err(RefreshFailure::InvalidGrant(provider)) => {
-                    let reloaded = held.op(self.store.load(&self.key)).await?;
+                    let reloaded = held.op(self.config.store.load(&self.key)).await?;
                     if let Some(stored) = reloaded {
                         let rotated = stored.value.refresh_token.is_some()
                             && stored.value.refresh_token.as_ref() != Some(&refresh_token);
@@ -474,10 +492,13 @@ impl Engine {
                     }
                     tracing::error!(key = %self.key, "the provider rejected the refresh token: re-authorization required");
                     let mut dead = current;
-                    dead.rejected_at = Some(self.clock.now());
+                    dead.rejected_at = Some(self.config.clock.now());
                     dead.rotation = None;
                     if let Err(e) = held
-                        .op(self.store.save(&self.key, &dead, version, held.lease()))
+                        .op(self
+                            .config
+                            .store
+                            .save(&self.key, &dead, version, held.lease()))
                         .await
                     {
                         tracing::warn!(key = %self.key, error = %e, "could not mark the rejected token set in the store");
@@ -518,7 +539,7 @@ impl Engine {
     }
 
     async fn revoke_under(&self, held: &HeldLease, at_provider: bool) -> Result<(), Error> {
-        let stored = held.op(self.store.load(&self.key)).await?;
+        let stored = held.op(self.config.store.load(&self.key)).await?;
         let (current, version) = match stored {
             Some(stored) if stored.value.revoked_at.is_some() => {
                 (stored.value, Some(stored.version))
@@ -528,7 +549,11 @@ impl Engine {
         // Another holder presenting the token may hold its successor: revoking the
         // stored token (then invalid) would revoke nothing, and its successor would be
         // lost with the mark. Wait for it as a refresh does.
-        if let Some(rotation) = current.rotation.as_ref().filter(|r| r.holder != self.id) {
+        if let Some(rotation) = current
+            .rotation
+            .as_ref()
+            .filter(|r| r.holder != self.holder())
+        {
             self.may_take_over(held, rotation)?;
         }
         if at_provider && current.revoked_at.is_none() {
@@ -547,26 +572,33 @@ impl Engine {
                 (None, Some(access)) => Some((access.secret(), "access_token")),
                 (None, None) => None,
             };
-            match (&self.endpoint.profile().revocation_url, token) {
+            match (&self.config.endpoint.profile().revocation_url, token) {
                 (Some(_), Some((token, hint))) => {
-                    let timeout = self.endpoint.profile().request_timeout;
+                    let timeout = self.config.endpoint.profile().request_timeout;
                     if !held.outlasts(timeout).await {
                         return Err(Error::transient(TransientKind::LeaseBusy, None));
                     }
-                    held.during(self.endpoint.revoke(token, hint, self.clock.now()))
-                        .await?;
+                    held.during(
+                        self.config
+                            .endpoint
+                            .revoke(token, hint, self.config.clock.now()),
+                    )
+                    .await?;
                     tracing::info!(key = %self.key, "revoked the grant at the provider");
                 }
                 (None, Some(_)) => {
-                    tracing::warn!(key = %self.key, provider = %self.endpoint.profile().name, "the provider has no revocation endpoint: the grant is removed from the store, but its tokens stay valid at the provider until they expire");
+                    tracing::warn!(key = %self.key, provider = %self.config.endpoint.profile().name, "the provider has no revocation endpoint: the grant is removed from the store, but its tokens stay valid at the provider until they expire");
                 }
                 (_, None) => {}
             }
         }
-        let mut revoked = TokenSet::empty(self.clock.now());
-        revoked.revoked_at = current.revoked_at.or(Some(self.clock.now()));
+        let mut revoked = TokenSet::empty(self.config.clock.now());
+        revoked.revoked_at = current.revoked_at.or(Some(self.config.clock.now()));
         revoked.scopes = current.scopes.clone();
-        held.op(self.store.save(&self.key, &revoked, version, held.lease()))
+        held.op(self
+            .config
+            .store
+            .save(&self.key, &revoked, version, held.lease()))
             .await?;
         // Still under the lease, before anything else of this source can take it (an
         // import in another task): the cache and the state follow the store.
@@ -603,7 +635,10 @@ impl Engine {
     async fn take_back_record(&self, held: &HeldLease, mut set: TokenSet, version: Option<u64>) {
         set.rotation = None;
         if let Err(e) = held
-            .op(self.store.save(&self.key, &set, version, held.lease()))
+            .op(self
+                .config
+                .store
+                .save(&self.key, &set, version, held.lease()))
             .await
         {
             tracing::debug!(key = %self.key, error = %e, "could not take the write-ahead record back");
@@ -635,6 +670,7 @@ impl Engine {
                     }
                     let version = held
                         .op(self
+                            .config
                             .store
                             .save(&self.key, &unsaved.set, expected, held.lease()))
                         .await?;
@@ -654,13 +690,13 @@ impl Engine {
         }
         // The key is missing.
         let known = self.state().last_known.clone();
-        let seed = match (known, &self.initial_refresh_token) {
+        let seed = match (known, &self.config.initial_refresh_token) {
             (Some(known), _) => {
                 tracing::error!(key = %self.key, "the store lost this key (see ARCHITECTURE.md on durable stores); restoring the newest token set this source saw, not the initial refresh token");
                 known
             }
             (None, Some(initial)) => {
-                TokenSet::from_refresh_token(initial.clone(), self.clock.now())
+                TokenSet::from_refresh_token(initial.clone(), self.config.clock.now())
             }
             (None, None) => {
                 return Err(Error::ReauthorizationRequired {
@@ -670,7 +706,7 @@ impl Engine {
             }
         };
         let version = held
-            .op(self.store.save(&self.key, &seed, None, held.lease()))
+            .op(self.config.store.save(&self.key, &seed, None, held.lease()))
             .await?;
         tracing::info!(key = %self.key, "seeded the store before presenting its refresh token");
         self.remember(&seed);
@@ -697,8 +733,8 @@ impl Engine {
             }
         };
         let waited = now.saturating_duration_since(first_seen);
-        if waited < self.timing.takeover_after {
-            let left = self.timing.takeover_after - waited;
+        if waited < self.config.timing.takeover_after {
+            let left = self.config.timing.takeover_after - waited;
             tracing::info!(key = %self.key, waited = ?waited, "another holder is presenting this refresh token and may still save its successor; waiting for it");
             return Err(Error::transient(
                 TransientKind::RotationInFlight,
@@ -748,7 +784,7 @@ impl Engine {
             }));
             state.metrics.refreshes += 1;
             state.last_refresh = Some(sent_at);
-            state.backoff.succeeded();
+            state.provider_succeeded();
             state.rejected_access = None;
             state.foreign_rotation = None;
         }
@@ -760,7 +796,10 @@ impl Engine {
             self.emit(EventKind::KeepAlive);
         }
         match held
-            .op(self.store.save(&self.key, next, version, held.lease()))
+            .op(self
+                .config
+                .store
+                .save(&self.key, next, version, held.lease()))
             .await
         {
             Ok(_) => self.saved(next),
@@ -826,10 +865,10 @@ impl Engine {
             }
             *held = Some(
                 HeldLease::acquire(
-                    &self.store,
+                    &self.config.store,
                     &self.key,
-                    self.timing.lease_ttl,
-                    self.timing.store_timeout,
+                    self.config.timing.lease_ttl,
+                    self.config.timing.store_timeout,
                 )
                 .await?,
             );
@@ -837,7 +876,7 @@ impl Engine {
         let Some(lease) = held.as_ref() else {
             return Err(StoreError::LeaseLost);
         };
-        let stored = lease.op(self.store.load(&self.key)).await?;
+        let stored = lease.op(self.config.store.load(&self.key)).await?;
         let consumed = self.state().consumed.clone();
         match reconcile(unsaved, stored.as_ref(), &consumed) {
             Reconciled::AlreadySaved(_) => {
@@ -846,6 +885,7 @@ impl Engine {
             Reconciled::Save(expected) => {
                 lease
                     .op(self
+                        .config
                         .store
                         .save(&self.key, &unsaved.set, expected, lease.lease()))
                     .await?;
@@ -888,23 +928,60 @@ impl Engine {
             return;
         }
         let mut known = set.clone();
-        if known.rotation.as_ref().is_some_and(|r| r.holder == self.id) {
+        if known
+            .rotation
+            .as_ref()
+            .is_some_and(|r| r.holder == self.holder())
+        {
             known.rotation = None;
         }
         state.last_known = Some(known);
     }
 
     /// Records a provider failure in the backoff, and tells the caller when the next
-    /// attempt will be allowed.
+    /// attempt will be allowed. A grant the provider has failed for longer than
+    /// [`Timing::exhausted_after`](crate::engine::Timing) is *exhausted*: its attempts are
+    /// then an hour apart, and once its refresh token's own lifetime has passed as well,
+    /// the error becomes [`ReauthorizationReason::RefreshTokenExpired`]: nothing can
+    /// revive it, so it costs nothing more.
     fn provider_failed(&self, e: &mut Error) {
+        let now = self.config.clock.now();
         let valid_for = self
             .cache
             .load()
             .as_ref()
-            .filter(|c| c.freshness(self.clock.now()) != Freshness::Expired)
+            .filter(|c| c.freshness(now) != Freshness::Expired)
             .and_then(|c| c.expires_at)
-            .and_then(|at| StdDuration::try_from(at - self.clock.now()).ok());
-        let wait = self.state().backoff.failed(self.now(), e, valid_for);
+            .and_then(|at| StdDuration::try_from(at - now).ok());
+        let monotonic = self.now();
+        let mut state = self.state();
+        let refresh_expired = state
+            .last_known
+            .as_ref()
+            .and_then(|known| known.refresh_expires_at)
+            .is_some_and(|at| now >= at);
+        let exhausted_after = self.config.timing.exhausted_after;
+        let trouble = state.trouble();
+        let since = *trouble.failing_since.get_or_insert(now);
+        let mut wait = trouble.backoff.failed(monotonic, e, valid_for);
+        let exhausted = StdDuration::try_from(now - since).is_ok_and(|d| d >= exhausted_after);
+        let newly_exhausted = exhausted && !std::mem::replace(&mut trouble.exhausted, exhausted);
+        if exhausted {
+            wait = trouble.backoff.at_least(monotonic, EXHAUSTED_RETRY);
+        }
+        drop(state);
+        if exhausted && refresh_expired {
+            tracing::error!(key = %self.key, error = %e, "the provider has failed this grant past its refresh token's lifetime: re-authorization required");
+            *e = Error::ReauthorizationRequired {
+                reason: ReauthorizationReason::RefreshTokenExpired,
+                provider: None,
+            };
+            return;
+        }
+        if newly_exhausted {
+            tracing::error!(key = %self.key, error = %e, failing_since = %since, "the provider has failed this grant for too long: attempts are now an hour apart");
+            self.emit(EventKind::Exhausted);
+        }
         if let Error::Transient { retry_after, .. } = e {
             *retry_after = Some(wait);
         }
@@ -918,9 +995,9 @@ impl Engine {
         if set.rejected_at.is_some() {
             return None;
         }
-        let now = self.clock.now();
+        let now = self.config.clock.now();
         let keep_alive_due = set.keep_alive_at().is_some_and(|at| now >= at);
-        if set.freshness(now, self.leeway) != Freshness::Fresh
+        if set.freshness(now, self.config.leeway) != Freshness::Fresh
             || (reason == Reason::KeepAlive && keep_alive_due)
         {
             return None;

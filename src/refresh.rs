@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use time::Duration;
 
 use crate::clock::{Clock, SystemClock};
-use crate::engine::{Engine, Reason, Timing};
+use crate::engine::{Engine, EngineConfig, Reason, Timing};
 use crate::error::Error;
 use crate::http::TokenEndpoint;
 use crate::provider::ProviderProfile;
@@ -53,9 +53,9 @@ pub struct RefreshingTokenSource {
 impl fmt::Debug for RefreshingTokenSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RefreshingTokenSource")
-            .field("provider", &self.inner.endpoint.profile().name)
+            .field("provider", &self.inner.config.endpoint.profile().name)
             .field("key", &self.inner.key)
-            .field("store", &self.inner.store)
+            .field("store", &self.inner.config.store)
             .finish_non_exhaustive()
     }
 }
@@ -70,10 +70,8 @@ pub struct Builder {
     initial_refresh_token: Option<RefreshToken>,
     leeway: Duration,
     clock: Arc<dyn Clock>,
-    lease_ttl: Option<StdDuration>,
-    store_timeout: StdDuration,
-    takeover_after: StdDuration,
-    forced_refresh_interval: StdDuration,
+    timing: TimingOptions,
+    http_client: Option<reqwest::Client>,
 }
 
 /// The longest lease ttl accepted.
@@ -84,6 +82,8 @@ pub(crate) const DEFAULT_STORE_TIMEOUT: StdDuration = StdDuration::from_secs(10)
 pub(crate) const DEFAULT_TAKEOVER_AFTER: StdDuration = StdDuration::from_secs(300);
 /// The default shortest spacing of refreshes forced by [`TokenSource::invalidate`].
 pub(crate) const DEFAULT_FORCED_REFRESH_INTERVAL: StdDuration = StdDuration::from_secs(30);
+/// The default time of continuous provider failures after which a grant is exhausted.
+pub(crate) const DEFAULT_EXHAUSTED_AFTER: StdDuration = StdDuration::from_secs(24 * 3600);
 
 impl Builder {
     /// Where token sets live. Default: a new [`MemoryStore`].
@@ -131,7 +131,7 @@ impl Builder {
     /// request timeout (a store that cannot renew relies on it alone). Default: the
     /// profile's request and connect timeouts plus 30 s.
     pub fn lease_ttl(mut self, ttl: StdDuration) -> Self {
-        self.lease_ttl = Some(ttl);
+        self.timing.lease_ttl = Some(ttl);
         self
     }
 
@@ -139,7 +139,7 @@ impl Builder {
     /// outcome, like a cut connection). A lease wait may take up to the lease ttl on top.
     /// Default 10 s.
     pub fn store_timeout(mut self, timeout: StdDuration) -> Self {
-        self.store_timeout = timeout;
+        self.timing.store_timeout = timeout;
         self
     }
 
@@ -151,7 +151,7 @@ impl Builder {
     /// delays recovery. Applies to stores whose leases expire (Memory, Redis,
     /// PostgreSQL); a released file lock means its holder died. Default 5 minutes.
     pub fn abandoned_rotation_after(mut self, wait: StdDuration) -> Self {
-        self.takeover_after = wait;
+        self.timing.takeover_after = wait;
         self
     }
 
@@ -160,7 +160,33 @@ impl Builder {
     /// rejected token that is still the newest in the store is served again rather than
     /// refreshed again. Default 30 s.
     pub fn forced_refresh_interval(mut self, interval: StdDuration) -> Self {
-        self.forced_refresh_interval = interval;
+        self.timing.forced_refresh_interval = interval;
+        self
+    }
+
+    /// After how long of continuous provider failures (5xx, timeouts, unreadable or
+    /// rejected answers; not store failures) the grant counts as *exhausted*: its attempts
+    /// are then an hour apart instead of a minute, an [`EventKind::Exhausted`](crate::EventKind::Exhausted)
+    /// is sent, and [`Status::health`] says so. Once its refresh token's own lifetime has
+    /// passed as well, it answers [`ReauthorizationReason::RefreshTokenExpired`](crate::ReauthorizationReason::RefreshTokenExpired)
+    /// without a request. Any success ends it. Default: a day.
+    pub fn exhausted_after(mut self, after: StdDuration) -> Self {
+        self.timing.exhausted_after = after;
+        self
+    }
+
+    /// The HTTP client token requests are sent with (a proxy, extra root certificates,
+    /// a user agent, connection limits), shared with whatever else uses it. Default: a
+    /// client of this source's own. The profile's request timeout applies to every
+    /// request whatever the client's own settings, and the body is capped as ever. The
+    /// client **must not follow redirects** (`redirect(reqwest::redirect::Policy::none())`):
+    /// a token request redirected with `307` or `308` would carry the client secret and
+    /// the refresh token to the redirect's target. A response that arrives from another
+    /// URL than the request's is refused with [`Error::Config`](crate::Error::Config), but
+    /// by then the request has been sent. Its proxy settings apply even to a loopback
+    /// token endpoint (the default client never proxies those).
+    pub fn http_client(mut self, client: reqwest::Client) -> Self {
+        self.http_client = Some(client);
         self
     }
 
@@ -175,67 +201,89 @@ impl Builder {
         store
             .check_key(&self.key)
             .map_err(|e| Error::Config(format!("the store cannot hold this key: {e}")))?;
-        let timing = timing(
-            &self.profile,
-            self.lease_ttl,
-            self.store_timeout,
-            self.takeover_after,
-            self.forced_refresh_interval,
-        )?;
-        let endpoint = Arc::new(TokenEndpoint::new(self.profile, self.credentials)?);
+        let timing = self.timing.check(&self.profile)?;
+        let endpoint = Arc::new(TokenEndpoint::new(
+            self.profile,
+            self.credentials,
+            self.http_client,
+        )?);
         Ok(RefreshingTokenSource {
             inner: Arc::new(Engine::new(
-                endpoint,
-                store,
+                Arc::new(EngineConfig {
+                    endpoint,
+                    store,
+                    initial_refresh_token: self.initial_refresh_token,
+                    leeway: self.leeway,
+                    clock: self.clock,
+                    timing,
+                    events: None,
+                    registry: None,
+                }),
                 self.key,
-                self.initial_refresh_token,
-                self.leeway,
-                self.clock,
-                timing,
-                None,
             )),
         })
     }
 }
 
-/// The checked timeouts of a grant's engine (a source's, or each of a manager's). The
-/// lease ttl defaults to the request's whole timeout plus 30 s.
-pub(crate) fn timing(
-    profile: &ProviderProfile,
-    lease_ttl: Option<StdDuration>,
-    store_timeout: StdDuration,
-    takeover_after: StdDuration,
-    forced_refresh_interval: StdDuration,
-) -> Result<Timing, Error> {
-    let lease_ttl = lease_ttl.unwrap_or_else(|| {
-        profile
-            .request_timeout
-            .saturating_add(profile.connect_timeout)
-            .saturating_add(StdDuration::from_secs(30))
-    });
-    if lease_ttl <= profile.request_timeout {
-        return Err(Error::Config(format!(
-            "the lease ttl ({lease_ttl:?}) must exceed the request timeout ({:?}): \
-             a refresh is never started on a lease that could expire before its answer",
-            profile.request_timeout
-        )));
+/// The timeouts and intervals of a grant's engine (a source's, or each of a manager's),
+/// as a builder takes them.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct TimingOptions {
+    pub(crate) lease_ttl: Option<StdDuration>,
+    pub(crate) store_timeout: StdDuration,
+    pub(crate) takeover_after: StdDuration,
+    pub(crate) forced_refresh_interval: StdDuration,
+    pub(crate) exhausted_after: StdDuration,
+}
+
+impl Default for TimingOptions {
+    fn default() -> Self {
+        Self {
+            lease_ttl: None,
+            store_timeout: DEFAULT_STORE_TIMEOUT,
+            takeover_after: DEFAULT_TAKEOVER_AFTER,
+            forced_refresh_interval: DEFAULT_FORCED_REFRESH_INTERVAL,
+            exhausted_after: DEFAULT_EXHAUSTED_AFTER,
+        }
     }
-    if lease_ttl > MAX_LEASE_TTL {
-        return Err(Error::Config(format!(
-            "the lease ttl ({lease_ttl:?}) is longer than a day: a dead holder would block every other one that long"
-        )));
+}
+
+impl TimingOptions {
+    /// The checked timing. The lease ttl defaults to the request's whole timeout plus
+    /// 30 s.
+    pub(crate) fn check(self, profile: &ProviderProfile) -> Result<Timing, Error> {
+        let lease_ttl = self.lease_ttl.unwrap_or_else(|| {
+            profile
+                .request_timeout
+                .saturating_add(profile.connect_timeout)
+                .saturating_add(StdDuration::from_secs(30))
+        });
+        if lease_ttl <= profile.request_timeout {
+            return Err(Error::Config(format!(
+                "the lease ttl ({lease_ttl:?}) must exceed the request timeout ({:?}): \
+                 a refresh is never started on a lease that could expire before its answer",
+                profile.request_timeout
+            )));
+        }
+        if lease_ttl > MAX_LEASE_TTL {
+            return Err(Error::Config(format!(
+                "the lease ttl ({lease_ttl:?}) is longer than a day: a dead holder would block every other one that long"
+            )));
+        }
+        let store_timeout = self.store_timeout;
+        if store_timeout.is_zero() || store_timeout > MAX_LEASE_TTL {
+            return Err(Error::Config(format!(
+                "the store timeout ({store_timeout:?}) must be between zero and a day"
+            )));
+        }
+        Ok(Timing {
+            lease_ttl,
+            store_timeout,
+            takeover_after: self.takeover_after,
+            forced_refresh_interval: self.forced_refresh_interval,
+            exhausted_after: self.exhausted_after,
+        })
     }
-    if store_timeout.is_zero() || store_timeout > MAX_LEASE_TTL {
-        return Err(Error::Config(format!(
-            "the store timeout ({store_timeout:?}) must be between zero and a day"
-        )));
-    }
-    Ok(Timing {
-        lease_ttl,
-        store_timeout,
-        takeover_after,
-        forced_refresh_interval,
-    })
 }
 
 impl RefreshingTokenSource {
@@ -249,10 +297,8 @@ impl RefreshingTokenSource {
             initial_refresh_token: None,
             leeway: DEFAULT_LEEWAY,
             clock: Arc::new(SystemClock),
-            lease_ttl: None,
-            store_timeout: DEFAULT_STORE_TIMEOUT,
-            takeover_after: DEFAULT_TAKEOVER_AFTER,
-            forced_refresh_interval: DEFAULT_FORCED_REFRESH_INTERVAL,
+            timing: TimingOptions::default(),
+            http_client: None,
         }
     }
 
@@ -263,8 +309,10 @@ impl RefreshingTokenSource {
         &self,
         refresh_token: impl Into<String>,
     ) -> Result<(), Error> {
-        let seed =
-            TokenSet::from_refresh_token(RefreshToken::new(refresh_token), self.inner.clock.now());
+        let seed = TokenSet::from_refresh_token(
+            RefreshToken::new(refresh_token),
+            self.inner.config.clock.now(),
+        );
         self.import(seed).await
     }
 
@@ -283,10 +331,13 @@ impl RefreshingTokenSource {
         let held = inner.acquire().await?;
         let result = async {
             let version = held
-                .op(inner.store.load(&inner.key))
+                .op(inner.config.store.load(&inner.key))
                 .await?
                 .map(|v| v.version);
-            held.op(inner.store.save(&inner.key, &seed, version, held.lease()))
+            held.op(inner
+                .config
+                .store
+                .save(&inner.key, &seed, version, held.lease()))
                 .await
         }
         .await;
@@ -302,8 +353,7 @@ impl RefreshingTokenSource {
             let mut state = inner.state();
             state.last_error = None;
             state.unsaved = None;
-            state.backoff.succeeded();
-            state.store_spacing.succeeded();
+            state.trouble = None;
             state.dead = None;
             state.rejected_access = None;
             state.last_known = Some(seed);
@@ -334,7 +384,7 @@ impl RefreshingTokenSource {
 
     /// The store this source uses.
     pub fn store(&self) -> &Arc<dyn TokenStore> {
-        &self.inner.store
+        &self.inner.config.store
     }
 
     /// The store key of this grant.
@@ -359,7 +409,7 @@ impl RefreshingTokenSource {
     /// [`leeway`](Builder::leeway), call this, then [`flush`](Self::flush).
     pub async fn fresh_access_token(&self) -> Result<AccessToken, Error> {
         if let Some(cached) = &*self.inner.cache.load()
-            && cached.freshness(self.inner.clock.now()) == Freshness::Fresh
+            && cached.freshness(self.inner.config.clock.now()) == Freshness::Fresh
         {
             return Ok(cached.token.clone());
         }
@@ -423,7 +473,7 @@ impl RefreshingTokenSource {
         let reauthorization_in = if state.dead.is_some() {
             Some(Duration::ZERO)
         } else {
-            refresh_token_expires_at.map(|at| (at - inner.clock.now()).max(Duration::ZERO))
+            refresh_token_expires_at.map(|at| (at - inner.config.clock.now()).max(Duration::ZERO))
         };
         Status {
             access_token_expires_at: cached.as_ref().and_then(|c| c.expires_at),
@@ -432,6 +482,7 @@ impl RefreshingTokenSource {
             last_refresh: state.last_refresh,
             last_error: state.last_error.as_deref().cloned(),
             rotation_unsaved: state.unsaved.is_some(),
+            health: inner.health(&state),
             metrics: state.metrics,
         }
     }

@@ -79,8 +79,21 @@ impl Backoff {
             .filter(|w| !w.is_zero())
     }
 
+    /// Makes the next attempt wait at least `wait` from `now`; returns the whole wait.
+    pub(crate) fn at_least(&mut self, now: Instant, wait: Duration) -> Duration {
+        let until = after(now, wait);
+        let until = self.not_before.map_or(until, |at| at.max(until));
+        self.not_before = Some(until);
+        until.saturating_duration_since(now)
+    }
+
     pub(crate) fn succeeded(&mut self) {
         *self = Self::default();
+    }
+
+    /// True when no failure is being backed off from.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.caps.is_none() && self.not_before.is_none()
     }
 
     /// The error to answer while backing off, if an attempt now would be too early.
@@ -128,6 +141,13 @@ impl StoreSpacing {
 
     pub(crate) fn succeeded(&mut self) {
         *self = Self::default();
+    }
+
+    /// How long until the next attempt is allowed.
+    pub(crate) fn wait(&self, now: Instant) -> Option<Duration> {
+        self.not_before
+            .map(|at| at.saturating_duration_since(now))
+            .filter(|w| !w.is_zero())
     }
 
     /// The last store error, while an attempt now would be too early.

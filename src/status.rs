@@ -62,6 +62,38 @@ pub struct Status {
     /// True while a rotated token set exists only in this process's memory (its save
     /// failed and is being retried, with the store's lease held).
     pub rotation_unsaved: bool,
+    /// Where the grant stands: healthy, cooling down after failures, exhausted, or
+    /// needing consent.
+    pub health: Health,
     /// Counters.
     pub metrics: Metrics,
+}
+
+/// Where a grant stands, from working to needing a person: each failure state costs less
+/// than the one before it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Health {
+    /// No failure since the last success.
+    Healthy,
+    /// Recent attempts failed (at the provider or the store); the next one waits for a
+    /// backoff of a second to a minute (up to 10 minutes while a valid token is served).
+    CoolingDown {
+        /// Since when the provider has failed this grant (`None`: only the store failed).
+        failing_since: Option<OffsetDateTime>,
+        /// Until the next attempt is allowed (`None`: now).
+        retry_in: Option<std::time::Duration>,
+    },
+    /// The provider has failed this grant for longer than `exhausted_after`
+    /// ([`crate::Builder::exhausted_after`]): attempts are an hour apart, and once the
+    /// refresh token's own lifetime has passed, the grant needs consent.
+    Exhausted {
+        /// Since when the provider has failed this grant.
+        failing_since: OffsetDateTime,
+        /// Until the next attempt is allowed (`None`: now).
+        retry_in: Option<std::time::Duration>,
+    },
+    /// A person must consent again (see [`Status::last_error`] for why); nothing is sent
+    /// to the provider until a new grant is stored.
+    NeedsConsent,
 }
