@@ -1,6 +1,8 @@
 //! The hot path with many grants, beside the true floor, in one run:
 //!
 //! - `floor`: an arc-swap load, one `Instant::now()` and an `Arc` clone;
+//! - `floor/N`: the same over N distinct tokens called round robin: what the processor's
+//!   caches make of N grants' worth of memory before any library code runs;
 //! - `source`: one `RefreshingTokenSource`, its cached token;
 //! - `handles/N`: N grants of one `TokenManager`, their handles held, called round robin;
 //! - `lookup/N`: `manager.source(key).access_token()` round robin over N keys (the
@@ -84,6 +86,22 @@ fn bench(c: &mut Criterion) {
         b.iter(|| black_box(source.access_token().now_or_never().unwrap().unwrap()))
     });
     for n in [1, 1_000, 100_000] {
+        let floors: Vec<Floor> = (0..n)
+            .map(|i| {
+                Floor(ArcSwapOption::from_pointee((
+                    AccessToken::new(format!("at-bench-{i}")),
+                    Instant::now() + std::time::Duration::from_secs(36_000),
+                )))
+            })
+            .collect();
+        let mut next = 0;
+        group.bench_function(format!("floor/{n}"), |b| {
+            b.iter(|| {
+                next = (next + 1) % n;
+                black_box(floors[next].access_token())
+            })
+        });
+        drop(floors);
         let (manager, keys) = manager(&runtime, n);
         let handles: Vec<RefreshingTokenSource> =
             keys.iter().map(|k| manager.source(k).unwrap()).collect();
