@@ -255,12 +255,36 @@ pub(crate) struct Trouble {
     /// True after a failure other than a dead grant, until the next success (which is
     /// then a [`EventKind::Recovered`]).
     pub(crate) failing: bool,
-    /// When the provider's failures for this grant began (wall clock), until a success.
-    pub(crate) failing_since: Option<OffsetDateTime>,
+    /// The provider's failures for this grant since its last success.
+    pub(crate) streak: Option<Streak>,
     /// The provider has failed for longer than [`Timing::exhausted_after`]: attempts are
     /// [`EXHAUSTED_RETRY`] apart.
     pub(crate) exhausted: bool,
 }
+
+/// Consecutive provider failures of one grant.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Streak {
+    /// When the first failed (wall clock: shown in [`Health`]).
+    pub(crate) since: OffsetDateTime,
+    /// When the first failed, on the monotonic clock: what is measured (a suspended
+    /// machine or a wall-clock step lengthens no streak).
+    pub(crate) began: Instant,
+    pub(crate) failures: u32,
+}
+
+impl Streak {
+    /// Whether the streak makes the grant exhausted: at least
+    /// [`EXHAUSTED_MIN_FAILURES`] failures over at least `after` (a grant asked for
+    /// once a day is not exhausted by its second failure).
+    pub(crate) fn exhausts(&self, now: Instant, after: StdDuration) -> bool {
+        self.failures >= EXHAUSTED_MIN_FAILURES
+            && now.saturating_duration_since(self.began) >= after
+    }
+}
+
+/// The fewest consecutive failures that make a grant exhausted.
+pub(crate) const EXHAUSTED_MIN_FAILURES: u32 = 5;
 
 impl State {
     /// The grant's trouble record, created on its first failure.
@@ -272,7 +296,7 @@ impl State {
     pub(crate) fn provider_succeeded(&mut self) {
         if let Some(trouble) = &mut self.trouble {
             trouble.backoff.succeeded();
-            trouble.failing_since = None;
+            trouble.streak = None;
             trouble.exhausted = false;
         }
     }
@@ -284,7 +308,7 @@ impl State {
             return false;
         };
         trouble.store_spacing.succeeded();
-        trouble.failing_since = None;
+        trouble.streak = None;
         trouble.exhausted = false;
         let recovered = std::mem::take(&mut trouble.failing);
         if trouble.backoff.is_idle() {
@@ -786,7 +810,7 @@ impl Engine {
             .backoff
             .wait(now)
             .max(trouble.store_spacing.wait(now));
-        match trouble.failing_since {
+        match trouble.streak.map(|streak| streak.since) {
             Some(failing_since) if trouble.exhausted => Health::Exhausted {
                 failing_since,
                 retry_in,

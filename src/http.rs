@@ -76,8 +76,9 @@ fn own_client(profile: &ProviderProfile) -> Result<reqwest::Client, Error> {
 
 /// `url` without its query (which may carry a code or a token) or credentials.
 fn redacted_url(url: &url::Url) -> String {
+    let port = url.port().map(|p| format!(":{p}")).unwrap_or_default();
     format!(
-        "{}://{}{}",
+        "{}://{}{port}{}",
         url.scheme(),
         url.host_str().unwrap_or_default(),
         url.path()
@@ -181,14 +182,17 @@ impl TokenEndpoint {
             .map_err(|e| transport_error(e, TransientKind::Connect))?;
         if response.url() != &sent_to {
             // Only a client given by the application can follow a redirect (its own never
-            // does): whatever came back is not the provider's answer to this request.
-            return Err(Error::Config(format!(
-                "the HTTP client followed a redirect from {} to {}: a token request must \
-                 never be redirected (the client id and secret, the refresh token or the \
-                 code would follow it); build the client with `redirect(reqwest::redirect::Policy::none())`",
-                redacted_url(&sent_to),
-                redacted_url(response.url())
-            )));
+            // does). The request has been sent to wherever it led, and may have consumed
+            // a refresh token there: its answer is used like any other (refusing it would
+            // drop the successor and present the used token again), and the mistake is
+            // reported.
+            tracing::error!(
+                from = %redacted_url(&sent_to),
+                to = %redacted_url(response.url()),
+                "the HTTP client followed a redirect of a token request, resending its client \
+                 credentials and token to the redirect's target: build the client with \
+                 `redirect(reqwest::redirect::Policy::none())`"
+            );
         }
         let status = response.status();
         let headers = response.headers().clone();

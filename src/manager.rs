@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration as StdDuration;
 
 use crate::clock::{Clock, SystemClock};
-use crate::engine::{Engine, EngineConfig, Reason, Registry};
+use crate::engine::{EXHAUSTED_RETRY, Engine, EngineConfig, Reason, Registry};
 use crate::error::{Error, TransientKind};
 use crate::events::{Event, EventCounts, EventSink};
 use crate::http::TokenEndpoint;
@@ -117,11 +117,12 @@ pub struct ManagerBuilder {
 
 /// A grant a sweep failed to keep alive is tried again after this, doubling.
 const SWEEP_RETRY_FIRST: StdDuration = StdDuration::from_secs(30);
-/// ... up to this.
-const SWEEP_RETRY_MAX: StdDuration = StdDuration::from_secs(24 * 3600);
+/// ... up to this: well within any keep-alive window (a fifth of the refresh token's
+/// lifetime), so that a grant failing through an outage is tried again before it dies.
+const SWEEP_RETRY_MAX: StdDuration = StdDuration::from_secs(600);
 /// A failing grant's record is dropped this long after its retry (the grant was deleted,
-/// or no longer due).
-const SWEEP_FORGET_AFTER: StdDuration = StdDuration::from_secs(2 * 24 * 3600);
+/// no longer due, or refreshed by a caller).
+const SWEEP_FORGET_AFTER: StdDuration = StdDuration::from_secs(3600);
 /// The shortest interval between sweeps.
 const SWEEP_INTERVAL_MIN: StdDuration = StdDuration::from_secs(1);
 
@@ -196,10 +197,11 @@ impl ManagerBuilder {
     /// request whatever the client's own settings, and the body is capped as ever. The
     /// client **must not follow redirects** (`redirect(reqwest::redirect::Policy::none())`):
     /// a token request redirected with `307` or `308` would carry the client secret and
-    /// the refresh token to the redirect's target. A response that arrives from another
-    /// URL than the request's is refused with [`Error::Config`](crate::Error::Config), but
-    /// by then the request has been sent. Its proxy settings apply even to a loopback
-    /// token endpoint (the default client never proxies those).
+    /// the refresh token to the redirect's target. If it does follow one, the answer is
+    /// used all the same (the target may have rotated the refresh token: dropping its
+    /// successor would get the used token presented again) and an error is logged. Its
+    /// proxy settings apply even to a loopback token endpoint (the default client never
+    /// proxies those).
     pub fn http_client(mut self, client: reqwest::Client) -> Self {
         self.http_client = Some(client);
         self
@@ -332,8 +334,9 @@ impl TokenManager {
     /// `options.concurrency` refreshes at a time. Returns how many were kept alive;
     /// [`spawn_sweeper`](Self::spawn_sweeper) calls it on schedule. A `429` pauses the
     /// whole sweep (this and the next ones) for its `Retry-After`. A grant that failed is
-    /// left out of the next sweeps for a while (1 minute, doubling to a day), so that a
-    /// few stuck grants never crowd out the others.
+    /// left out of the next sweeps for a while (1 minute, doubling to 10 minutes, or an
+    /// hour for an exhausted grant), so that a few stuck grants never crowd out the
+    /// others.
     pub async fn sweep(&self, options: &SweepOptions) -> Result<usize, Error> {
         let shared = &self.shared;
         shared.counters.sweeps.fetch_add(1, Ordering::Relaxed);
@@ -409,8 +412,8 @@ impl TokenManager {
                     // exhausted grant's is an hour away).
                     let wait = SWEEP_RETRY_FIRST
                         .saturating_mul(1 << failures.min(12))
-                        .max(e.retry_after().unwrap_or_default())
-                        .min(SWEEP_RETRY_MAX);
+                        .min(SWEEP_RETRY_MAX)
+                        .max(e.retry_after().unwrap_or_default().min(EXHAUSTED_RETRY));
                     let retry_at = now.checked_add(wait).unwrap_or(now);
                     failing.insert(key.to_owned(), (failures, retry_at));
                 }

@@ -29,7 +29,7 @@ use std::time::Duration as StdDuration;
 
 use time::{Duration, OffsetDateTime};
 
-use crate::engine::{EXHAUSTED_RETRY, Engine, Job, Outcome, Reason, Unsaved};
+use crate::engine::{EXHAUSTED_RETRY, Engine, Job, Outcome, Reason, Streak, Unsaved};
 use crate::error::{Error, ReauthorizationReason, TransientKind};
 use crate::events::EventKind;
 use crate::http::RefreshFailure;
@@ -215,6 +215,8 @@ impl Engine {
             tracing::info!(key = %self.key, "the store holds a new grant; refreshing with it");
             state.dead = None;
             state.last_error = None;
+            // The old grant's failures are not the new one's.
+            state.trouble = None;
             return Ok(None);
         }
         Err(fallback)
@@ -515,7 +517,7 @@ impl Engine {
                     // A scope the grant does not cover is that request's mistake, not
                     // the provider's trouble: it spaces nothing else.
                     if !(scope.is_some() && matches!(e, Error::RequestRejected { .. })) {
-                        self.provider_failed(&mut e);
+                        self.provider_failed(&mut e, &current);
                     }
                     self.take_back_record(held, current, version).await;
                     return Err(e);
@@ -939,12 +941,15 @@ impl Engine {
     }
 
     /// Records a provider failure in the backoff, and tells the caller when the next
-    /// attempt will be allowed. A grant the provider has failed for longer than
-    /// [`Timing::exhausted_after`](crate::engine::Timing) is *exhausted*: its attempts are
-    /// then an hour apart, and once its refresh token's own lifetime has passed as well,
-    /// the error becomes [`ReauthorizationReason::RefreshTokenExpired`]: nothing can
-    /// revive it, so it costs nothing more.
-    fn provider_failed(&self, e: &mut Error) {
+    /// attempt will be allowed. A grant the provider has failed at least
+    /// [`EXHAUSTED_MIN_FAILURES`](crate::engine::EXHAUSTED_MIN_FAILURES) times in a row over at least
+    /// [`Timing::exhausted_after`](crate::engine::Timing) (monotonic time) is *exhausted*:
+    /// its attempts are then an hour apart. Exhausted, with the presented set's refresh
+    /// token past its own expiry by `exhausted_after` as well (a margin for an estimated
+    /// lifetime and for clock skew), the error becomes
+    /// [`ReauthorizationReason::RefreshTokenExpired`]: nothing can revive it, so it costs
+    /// nothing more.
+    fn provider_failed(&self, e: &mut Error, presented: &TokenSet) {
         let now = self.config.clock.now();
         let valid_for = self
             .cache
@@ -954,23 +959,29 @@ impl Engine {
             .and_then(|c| c.expires_at)
             .and_then(|at| StdDuration::try_from(at - now).ok());
         let monotonic = self.now();
-        let mut state = self.state();
-        let refresh_expired = state
-            .last_known
-            .as_ref()
-            .and_then(|known| known.refresh_expires_at)
-            .is_some_and(|at| now >= at);
         let exhausted_after = self.config.timing.exhausted_after;
+        let mut state = self.state();
         let trouble = state.trouble();
-        let since = *trouble.failing_since.get_or_insert(now);
+        let streak = trouble.streak.get_or_insert(Streak {
+            since: now,
+            began: monotonic,
+            failures: 0,
+        });
+        streak.failures = streak.failures.saturating_add(1);
+        let streak = *streak;
         let mut wait = trouble.backoff.failed(monotonic, e, valid_for);
-        let exhausted = StdDuration::try_from(now - since).is_ok_and(|d| d >= exhausted_after);
+        let exhausted = streak.exhausts(monotonic, exhausted_after);
         let newly_exhausted = exhausted && !std::mem::replace(&mut trouble.exhausted, exhausted);
         if exhausted {
             wait = trouble.backoff.at_least(monotonic, EXHAUSTED_RETRY);
         }
         drop(state);
-        if exhausted && refresh_expired {
+        let margin = Duration::try_from(exhausted_after).unwrap_or(Duration::MAX);
+        let long_expired = presented
+            .refresh_expires_at
+            .and_then(|at| at.checked_add(margin))
+            .is_some_and(|dead_by| now >= dead_by);
+        if exhausted && long_expired {
             tracing::error!(key = %self.key, error = %e, "the provider has failed this grant past its refresh token's lifetime: re-authorization required");
             *e = Error::ReauthorizationRequired {
                 reason: ReauthorizationReason::RefreshTokenExpired,
@@ -979,7 +990,7 @@ impl Engine {
             return;
         }
         if newly_exhausted {
-            tracing::error!(key = %self.key, error = %e, failing_since = %since, "the provider has failed this grant for too long: attempts are now an hour apart");
+            tracing::error!(key = %self.key, error = %e, failing_since = %streak.since, failures = streak.failures, "the provider has failed this grant for too long: attempts are now an hour apart");
             self.emit(EventKind::Exhausted);
         }
         if let Error::Transient { retry_after, .. } = e {

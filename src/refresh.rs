@@ -82,6 +82,8 @@ pub(crate) const DEFAULT_STORE_TIMEOUT: StdDuration = StdDuration::from_secs(10)
 pub(crate) const DEFAULT_TAKEOVER_AFTER: StdDuration = StdDuration::from_secs(300);
 /// The default shortest spacing of refreshes forced by [`TokenSource::invalidate`].
 pub(crate) const DEFAULT_FORCED_REFRESH_INTERVAL: StdDuration = StdDuration::from_secs(30);
+/// The shortest `exhausted_after` accepted.
+const MIN_EXHAUSTED_AFTER: StdDuration = StdDuration::from_secs(60);
 /// The default time of continuous provider failures after which a grant is exhausted.
 pub(crate) const DEFAULT_EXHAUSTED_AFTER: StdDuration = StdDuration::from_secs(24 * 3600);
 
@@ -165,11 +167,14 @@ impl Builder {
     }
 
     /// After how long of continuous provider failures (5xx, timeouts, unreadable or
-    /// rejected answers; not store failures) the grant counts as *exhausted*: its attempts
-    /// are then an hour apart instead of a minute, an [`EventKind::Exhausted`](crate::EventKind::Exhausted)
+    /// rejected answers; not store failures; at least 5 of them in a row, measured on the
+    /// monotonic clock) the grant counts as *exhausted*: its attempts are then an hour
+    /// apart instead of a minute, an [`EventKind::Exhausted`](crate::EventKind::Exhausted)
     /// is sent, and [`Status::health`] says so. Once its refresh token's own lifetime has
-    /// passed as well, it answers [`ReauthorizationReason::RefreshTokenExpired`](crate::ReauthorizationReason::RefreshTokenExpired)
-    /// without a request. Any success ends it. Default: a day.
+    /// passed as well (by `exhausted_after` again: a margin for an estimated lifetime),
+    /// its next failure answers [`ReauthorizationReason::RefreshTokenExpired`](crate::ReauthorizationReason::RefreshTokenExpired),
+    /// and nothing more is sent until a new grant is stored. Any success ends it. At
+    /// least a minute; default a day.
     pub fn exhausted_after(mut self, after: StdDuration) -> Self {
         self.timing.exhausted_after = after;
         self
@@ -181,10 +186,11 @@ impl Builder {
     /// request whatever the client's own settings, and the body is capped as ever. The
     /// client **must not follow redirects** (`redirect(reqwest::redirect::Policy::none())`):
     /// a token request redirected with `307` or `308` would carry the client secret and
-    /// the refresh token to the redirect's target. A response that arrives from another
-    /// URL than the request's is refused with [`Error::Config`](crate::Error::Config), but
-    /// by then the request has been sent. Its proxy settings apply even to a loopback
-    /// token endpoint (the default client never proxies those).
+    /// the refresh token to the redirect's target. If it does follow one, the answer is
+    /// used all the same (the target may have rotated the refresh token: dropping its
+    /// successor would get the used token presented again) and an error is logged. Its
+    /// proxy settings apply even to a loopback token endpoint (the default client never
+    /// proxies those).
     pub fn http_client(mut self, client: reqwest::Client) -> Self {
         self.http_client = Some(client);
         self
@@ -268,6 +274,12 @@ impl TimingOptions {
         if lease_ttl > MAX_LEASE_TTL {
             return Err(Error::Config(format!(
                 "the lease ttl ({lease_ttl:?}) is longer than a day: a dead holder would block every other one that long"
+            )));
+        }
+        if self.exhausted_after < MIN_EXHAUSTED_AFTER {
+            return Err(Error::Config(format!(
+                "exhausted_after ({:?}) must be at least a minute: a grant is exhausted only after failing for a while",
+                self.exhausted_after
             )));
         }
         let store_timeout = self.store_timeout;

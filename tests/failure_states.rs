@@ -92,10 +92,11 @@ async fn a_grant_the_provider_keeps_failing_is_exhausted_then_needs_consent() {
     let stored = store.get("default").unwrap().value;
     assert!(stored.refresh_token.is_some() && stored.rejected_at.is_none());
 
-    // Past the refresh token's own lifetime: consent is needed, and nothing is sent.
+    // Past the refresh token's own lifetime (by `exhausted_after` too: a margin for an
+    // estimated lifetime): consent is needed, and nothing more is sent.
     clock.advance(Span::days(30));
     let mut reauthorization = None;
-    for _ in 0..3 {
+    for _ in 0..8 {
         clock.advance(Span::hours(1));
         if let Err(e @ Error::ReauthorizationRequired { .. }) = source.access_token().await {
             reauthorization = Some(e);
@@ -194,4 +195,129 @@ async fn sweeps_space_an_exhausted_grant_an_hour_apart_and_count_its_event() {
     }
     assert_eq!(exhausted_events, 1);
     assert_eq!(manager.status().events.exhausted, 1);
+}
+
+/// A suspended machine (the wall clock moves, the monotonic one does not) or a grant asked
+/// for once a day: two failures are no exhaustion.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_failures_a_wall_clock_day_apart_do_not_exhaust_a_grant() {
+    let clock = ManualClock::starting_now();
+    let sim = failing_simulator(&clock).await;
+    let source = RefreshingTokenSource::builder(sim.profile(), sim.credentials())
+        .initial_refresh_token(sim.issue_grant())
+        .clock(clock.clone())
+        .exhausted_after(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    source.access_token().await.unwrap();
+    sim.set_fault_rate(1.0);
+    clock.advance(Span::hours(2));
+    assert!(source.access_token().await.is_err());
+    // Suspended for two days: the wall clock moves, the monotonic reading does not.
+    clock.set(clock.now() + Span::days(2));
+    clock.advance(Span::minutes(2));
+    assert!(source.access_token().await.is_err());
+    assert!(
+        matches!(source.status().health, Health::CoolingDown { .. }),
+        "{:?}",
+        source.status().health
+    );
+    sim.set_fault_rate(0.0);
+    clock.advance(Span::minutes(2));
+    source
+        .access_token()
+        .await
+        .expect("the provider is back and the grant was only cooling down");
+}
+
+/// A grant that needs consent, consented again through another process: the new grant
+/// starts with none of the old one's failures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_consented_again_elsewhere_does_not_inherit_the_old_failures() {
+    let clock = ManualClock::starting_now();
+    let sim = failing_simulator(&clock).await;
+    let mut profile = sim.profile();
+    profile.refresh_token_lifetime = Some(Duration::from_secs(4 * 3600));
+    let store = MemoryStore::new();
+    let source = RefreshingTokenSource::builder(profile.clone(), sim.credentials())
+        .store(store.clone())
+        .initial_refresh_token(sim.issue_grant())
+        .clock(clock.clone())
+        .exhausted_after(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    source.access_token().await.unwrap();
+    sim.set_fault_rate(1.0);
+    for _ in 0..(6 * 60) {
+        clock.advance(Span::minutes(1));
+        let _ = source.access_token().await;
+    }
+    assert_eq!(source.status().health, Health::NeedsConsent);
+
+    // Another process stores a new grant (a person consented again).
+    sim.set_fault_rate(0.0);
+    let other = RefreshingTokenSource::builder(profile, sim.credentials())
+        .store(store.clone())
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    other.import_refresh_token(sim.issue_grant()).await.unwrap();
+    // The source finds it (within 10 s) and refreshes it: one 503.
+    sim.fail_next([Fault::ServerError(503)]);
+    clock.advance(Span::seconds(11));
+    assert!(source.access_token().await.is_err());
+    clock.advance(Span::minutes(2));
+    source
+        .access_token()
+        .await
+        .expect("one failure of the new grant is a short backoff, not the old exhaustion");
+}
+
+/// An idle grant kept alive only by sweeps, with a short refresh lifetime (10 h: keep-alive
+/// due 2 h before expiry), through a 95-minute outage starting at the keep-alive instant:
+/// the sweep's spacing never outgrows the window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sweeps_keep_a_grant_alive_through_an_outage_shorter_than_its_window() {
+    let clock = ManualClock::starting_now();
+    let sim = Simulator::builder(Mode::Generic)
+        .clock(clock.clone())
+        .access_lifetime(Duration::from_secs(3600))
+        .refresh_lifetime(Duration::from_secs(10 * 3600))
+        .faults(0.0, vec![Fault::ServerError(503)], 7)
+        .start()
+        .await
+        .unwrap();
+    let mut profile = sim.profile();
+    profile.refresh_token_lifetime = Some(Duration::from_secs(10 * 3600));
+    let store = MemoryStore::new();
+    store.put(
+        "user-1",
+        TokenSet::from_refresh_token(RefreshToken::new(sim.issue_grant()), clock.now()),
+    );
+    let manager = TokenManager::builder(profile, sim.credentials())
+        .store(store.clone())
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    let options = SweepOptions::default();
+    assert_eq!(manager.sweep(&options).await.unwrap(), 1);
+    let keep_alive_at = store.get("user-1").unwrap().value.keep_alive_at().unwrap();
+    clock.set(keep_alive_at);
+    sim.set_fault_rate(1.0);
+    let mut kept_at = None;
+    for minute in 0..130 {
+        if minute == 95 {
+            sim.set_fault_rate(0.0);
+        }
+        if manager.sweep(&options).await.unwrap() > 0 {
+            kept_at = Some(minute);
+            break;
+        }
+        clock.advance(Span::minutes(1));
+    }
+    assert!(
+        kept_at.is_some_and(|m| (95..120).contains(&m)),
+        "kept alive at minute {kept_at:?}; the refresh token expires at minute 120"
+    );
+    assert_eq!(sim.counters().invalid_grant, 0);
 }

@@ -1,12 +1,14 @@
 //! An application's own `reqwest::Client`: used for every token request of the sources
-//! and managers given it, with the token endpoint's rules kept (a redirect is never
-//! followed into an answer, the profile's timeout applies).
+//! and managers given it, with the token endpoint's rules kept where they can be (the
+//! profile's timeout applies; an answer reached through a redirect the client followed is
+//! kept, never dropped with its rotated refresh token).
 
 use std::time::Duration;
 
+use tokenkeeper::testing::{Mode, Simulator};
 use tokenkeeper::{
-    ClientCredentials, Error, MemoryStore, ProviderProfile, RefreshToken, RefreshingTokenSource,
-    TokenManager, TokenSet, TransientKind,
+    ClientCredentials, Error, ManualClock, MemoryStore, ProviderProfile, RefreshToken,
+    RefreshingTokenSource, TokenManager, TokenSet, TransientKind,
 };
 use wiremock::matchers::{header, method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
@@ -67,42 +69,53 @@ async fn sources_and_managers_send_with_the_client_they_are_given() {
     // `expect(2)` is verified when the server drops: both went through the client.
 }
 
-#[tokio::test]
-async fn a_redirect_followed_by_the_given_client_is_refused() {
-    let server = MockServer::start().await;
+/// A client that follows redirects (reqwest's default) sends the token request on to the
+/// redirect's target, which may rotate the refresh token: its answer is kept, so the used
+/// token is never presented again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_reached_through_a_followed_redirect_is_kept() {
+    let clock = ManualClock::starting_now();
+    let sim = Simulator::builder(Mode::Generic)
+        .clock(clock.clone())
+        .start()
+        .await
+        .unwrap();
+    let front = MockServer::start().await;
     Mock::given(method("POST"))
         .and(path("/token"))
-        .respond_with(ResponseTemplate::new(307).insert_header("location", "/elsewhere"))
-        .mount(&server)
+        .respond_with(
+            ResponseTemplate::new(308).insert_header("location", sim.token_url().as_str()),
+        )
+        .mount(&front)
         .await;
-    Mock::given(path("/elsewhere"))
-        .respond_with(token_response())
-        .mount(&server)
-        .await;
-    // reqwest's default policy follows redirects.
-    let following = reqwest::Client::new();
-    let source = RefreshingTokenSource::builder(profile(&server), credentials())
-        .initial_refresh_token("rt-0")
-        .http_client(following)
+    let mut redirected = sim.profile();
+    redirected.token_url = url::Url::parse(&format!("{}/token", front.uri())).unwrap();
+    let store = MemoryStore::new();
+    let source = RefreshingTokenSource::builder(redirected, sim.credentials())
+        .store(store.clone())
+        .initial_refresh_token(sim.issue_grant())
+        .clock(clock.clone())
+        .http_client(reqwest::Client::new())
         .build()
         .unwrap();
-    match source.access_token().await {
-        Err(Error::Config(message)) => {
-            assert!(message.contains("redirect"), "{message}");
-            assert!(!message.contains("rt-0") && !message.contains("secret-of-the-client"));
-        }
-        other => panic!("a followed redirect is a configuration error, got {other:?}"),
-    }
-    // The source's own client never follows one: the 307 is the provider's answer.
-    let source = RefreshingTokenSource::builder(profile(&server), credentials())
-        .initial_refresh_token("rt-0")
-        .build()
-        .unwrap();
-    let outcome = source.access_token().await;
-    assert!(
-        !matches!(outcome, Ok(_) | Err(Error::Config(_))),
-        "{outcome:?}"
+    source.access_token().await.expect("the redirected answer");
+    assert_eq!(
+        sim.counters().refreshes,
+        1,
+        "the provider rotated the token"
     );
+
+    // The operator fixes the client: the same store and key, past the token's expiry.
+    clock.advance(time::Duration::hours(2));
+    let fixed = RefreshingTokenSource::builder(sim.profile(), sim.credentials())
+        .store(store)
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    fixed.access_token().await.unwrap();
+    assert_eq!(sim.counters().refreshes, 2);
+    assert_eq!(sim.counters().reuse_attempts, 0);
+    assert_eq!(sim.counters().revoked_grants, 0);
 }
 
 #[tokio::test]
