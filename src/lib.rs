@@ -56,6 +56,7 @@
 //! | `middleware` | `middleware`: reactive refresh (invalidate and retry once on 401, HighQ 403) as a `reqwest-middleware` middleware and a plain `send_with_token` helper |
 //! | `redis` | `store::redis::RedisStore`: token sets in Redis for replicas on several machines; `SET NX PX` leases with fencing numbers checked by the save |
 //! | `postgres` | `store::postgres::PostgresStore`: token sets in one PostgreSQL table; lease rows with expiry (database clock) and fencing numbers checked by the save |
+//! | `encryption` | `store::encrypted::EncryptedStore`: any store with its tokens sealed at rest (XChaCha20-Poly1305, key ids for rotation, each ciphertext bound to its store key) |
 #![deny(missing_docs)]
 #![warn(
     missing_debug_implementations,

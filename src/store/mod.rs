@@ -55,6 +55,9 @@ use crate::token::TokenSet;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
+#[cfg(feature = "encryption")]
+#[cfg_attr(docsrs, doc(cfg(feature = "encryption")))]
+pub mod encrypted;
 mod file;
 mod memory;
 #[cfg(feature = "postgres")]
@@ -395,6 +398,18 @@ pub enum StoreError {
     /// The store does not offer this operation.
     #[error("the store does not support {0}")]
     Unsupported(&'static str),
+    /// The set stored under the key cannot be decrypted with the configured keys (a
+    /// missing or wrong key, or altered data): see
+    /// [`EncryptedStore`](crate::store::encrypted::EncryptedStore). It is left untouched;
+    /// an operator must configure the key that sealed it.
+    #[error(
+        "the token set stored under key {key:?} cannot be decrypted with the configured keys \
+         (a missing or wrong key, or altered data); it is left untouched"
+    )]
+    Undecryptable {
+        /// The key.
+        key: String,
+    },
 }
 
 impl StoreError {
