@@ -400,10 +400,15 @@ async fn postgres_create_schema_upgrades_a_table_made_by_an_earlier_version() {
         other => panic!("due before the upgrade names create_schema, got {other:?}"),
     }
 
+    assert_eq!(store.table_version().await.unwrap(), Some(1));
     let (a, b) = tokio::join!(store.create_schema(), store.create_schema());
     a.expect("upgrade");
     b.expect("upgrade, concurrently");
     store.create_schema().await.expect("and again: idempotent");
+    assert_eq!(
+        store.table_version().await.unwrap(),
+        Some(tokenkeeper::store::postgres::TABLE_VERSION)
+    );
     let loaded = store.load(&key).await.unwrap().expect("the row is kept");
     assert_eq!((loaded.value, loaded.version), (newer.clone(), 2));
     let mut due = store.due(due_at, 10).await.unwrap();
@@ -667,4 +672,43 @@ async fn postgres_create_schema_on_an_upgraded_table_needs_no_ownership() {
     let mut due = store.due(due_at, 10).await.unwrap();
     due.sort();
     assert_eq!(due, [old, key], "the old row was filled, the new one saved");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_create_schema_refuses_a_table_of_a_newer_version_and_leaves_it_alone() {
+    let server = PostgresServer::start();
+    let store = PostgresStore::connect(&server.url()).await.unwrap();
+    assert_eq!(store.table_version().await.unwrap(), None, "no table yet");
+    store.create_schema().await.unwrap();
+    assert_eq!(store.table_version().await.unwrap(), Some(2));
+    let key = unique_key("newer");
+    let set = sample("newer");
+    save_leased(&store, &key, &set, None).await.unwrap();
+
+    // A later tokenkeeper upgraded the table to a version this one does not know.
+    let client = raw(&server.url()).await;
+    client
+        .batch_execute(
+            "COMMENT ON TABLE tokenkeeper_tokens IS 'tokenkeeper schema 7'; \
+             ALTER TABLE tokenkeeper_tokens ADD COLUMN from_the_future int",
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.table_version().await.unwrap(), Some(7));
+    match store.create_schema().await {
+        Err(StoreError::Misconfigured(why)) => {
+            assert!(
+                why.contains("version 7") && why.contains("upgrade tokenkeeper"),
+                "{why}"
+            )
+        }
+        other => panic!("a newer table is a configuration error, got {other:?}"),
+    }
+    assert_eq!(
+        store.table_version().await.unwrap(),
+        Some(7),
+        "its version is kept"
+    );
+    let loaded = store.load(&key).await.unwrap().expect("the row is kept");
+    assert_eq!(loaded.value, set);
 }

@@ -306,6 +306,21 @@ fn valid_table_name(name: &str) -> bool {
     }
 }
 
+/// The schema version [`PostgresStore::create_schema`] brings a table to (see
+/// [`PostgresStore::table_version`]).
+pub const TABLE_VERSION: u32 = 2;
+
+/// SQL for the schema version of table `t` (which exists): its comment's, or else 2 with
+/// a `due_at` column and 1 without.
+fn table_version_sql(t: &str) -> String {
+    format!(
+        "coalesce(\
+           substring(obj_description(to_regclass('{t}'), 'pg_class') from '^tokenkeeper schema ([0-9]+)$')::int, \
+           CASE WHEN EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('{t}') \
+                             AND attname = 'due_at' AND NOT attisdropped) THEN 2 ELSE 1 END)"
+    )
+}
+
 impl PostgresStore {
     /// Connects to the database described by `config`: a URL
     /// (`postgresql://user[:password]@host[:port]/dbname`) or a `key=value` string, as
@@ -410,8 +425,9 @@ impl PostgresStore {
     }
 
     /// The statements [`PostgresStore::create_schema`] runs: `CREATE TABLE IF NOT EXISTS`,
-    /// then a `DO` block that adds what a table made by an earlier version lacks, only
-    /// when it is missing: the `due_at` column (`ALTER TABLE ... ADD COLUMN IF NOT
+    /// then a `DO` block that refuses a table of a newer schema version than
+    /// [`TABLE_VERSION`], adds what a table made by an earlier version lacks, only when it
+    /// is missing, and records the version in the table's comment: the `due_at` column (`ALTER TABLE ... ADD COLUMN IF NOT
     /// EXISTS`), its index, and the index of the rows whose `due_at` is not known yet
     /// (`CREATE INDEX IF NOT EXISTS`). Once upgraded, running them takes no lock on the
     /// table and needs no ownership of it. (`create_schema` then fills `due_at` where it
@@ -432,7 +448,14 @@ impl PostgresStore {
              \x20   CHECK ((version IS NULL) = (body IS NULL))\n\
              );\n\
              DO $upgrade$\n\
+             DECLARE\n\
+             \x20   v int := {TABLE_VERSION_SQL};\n\
              BEGIN\n\
+             \x20   IF v > {TABLE_VERSION} THEN\n\
+             \x20       RAISE EXCEPTION USING ERRCODE = 'feature_not_supported', MESSAGE =\n\
+             \x20           format('tokenkeeper: the table {t} has schema version %s; this version of tokenkeeper knows versions up to {TABLE_VERSION}: upgrade tokenkeeper', v);\n\
+             \x20   END IF;\n\
+             \x20   -- Version 2: due_at and its indexes.\n\
              \x20   IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = '{t}'::regclass\n\
              \x20                  AND attname = 'due_at' AND NOT attisdropped) THEN\n\
              \x20       ALTER TABLE {t} ADD COLUMN IF NOT EXISTS due_at timestamptz;\n\
@@ -450,8 +473,16 @@ impl PostgresStore {
              \x20           RAISE NOTICE 'not creating {unknown}: %', SQLERRM;\n\
              \x20       END;\n\
              \x20   END IF;\n\
+             \x20   IF v < {TABLE_VERSION} THEN\n\
+             \x20       BEGIN\n\
+             \x20           COMMENT ON TABLE {t} IS 'tokenkeeper schema {TABLE_VERSION}';\n\
+             \x20       EXCEPTION WHEN insufficient_privilege THEN\n\
+             \x20           RAISE NOTICE 'not recording the schema version of {t}: %', SQLERRM;\n\
+             \x20       END;\n\
+             \x20   END IF;\n\
              END\n\
-             $upgrade$"
+             $upgrade$",
+            TABLE_VERSION_SQL = table_version_sql(t),
         )
     }
 
@@ -482,8 +513,41 @@ impl PostgresStore {
         } else {
             drop(client);
         }
-        created.map_err(StoreError::unavailable)?;
+        created.map_err(|e| match e.as_db_error() {
+            Some(db) if db.message().starts_with("tokenkeeper:") => {
+                StoreError::Misconfigured(db.message().to_owned())
+            }
+            _ => StoreError::unavailable(e),
+        })?;
         self.backfill_due_at().await
+    }
+
+    /// The schema version of the table: `None` when it does not exist. Version 1 is the
+    /// first table; version 2 added `due_at` ([`TokenStore::due`]). [`create_schema`]
+    /// upgrades an older table to [`TABLE_VERSION`] in place (rows kept) and records the
+    /// version in the table's comment (a table upgraded by a role that does not own it,
+    /// or by tokenkeeper before versions were recorded, is recognized by its columns),
+    /// and refuses a table of a newer version with [`StoreError::Misconfigured`].
+    ///
+    /// [`create_schema`]: PostgresStore::create_schema
+    pub async fn table_version(&self) -> Result<Option<u32>, StoreError> {
+        let t = &self.shared.table;
+        let sql = format!(
+            "SELECT CASE WHEN to_regclass('{t}') IS NULL THEN NULL ELSE {} END",
+            table_version_sql(t)
+        );
+        let row = self
+            .idempotent(|| {
+                async |client| {
+                    client
+                        .query_one(sql.as_str(), &[])
+                        .await
+                        .map_err(StoreError::unavailable)
+                }
+            })
+            .await?;
+        let version: Option<i32> = row.get(0);
+        Ok(version.and_then(|v| u32::try_from(v).ok()))
     }
 
     /// Fills `due_at` where it is not known (see [`PostgresStore::create_schema`]). A
