@@ -488,3 +488,28 @@ async fn redis_a_save_refused_at_maxmemory_leaves_the_index_agreeing_with_the_se
     lease.release().await.unwrap();
     assert_eq!(zscore(&mut raw, prefix, &key).await, None);
 }
+
+/// A Redis Cluster node is refused at connect, with the reason: see `refuse_cluster` in
+/// src/store/redis.rs (the save's atomic step spans the key and the due index; a failover
+/// can lose an acknowledged rotation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_node_is_refused_with_the_reason() {
+    let server = RedisServer::start_with_args(&[
+        "--cluster-enabled",
+        "yes",
+        "--cluster-config-file",
+        "nodes.conf",
+    ]);
+    match RedisStore::connect(&server.url()).await {
+        Err(StoreError::Misconfigured(why)) => {
+            assert!(
+                why.contains("Redis Cluster") && why.contains("failover"),
+                "{why}"
+            )
+        }
+        other => panic!("a cluster node is refused, got {other:?}"),
+    }
+    // A standalone server is not.
+    let standalone = RedisServer::start();
+    RedisStore::connect(&standalone.url()).await.unwrap();
+}

@@ -265,6 +265,7 @@ impl RedisStore {
         let connection = ConnectionManager::new_with_config(client, config)
             .await
             .map_err(StoreError::unavailable)?;
+        refuse_cluster(&mut connection.clone()).await?;
         Ok(Self {
             connection,
             prefix: Arc::from("tokenkeeper:"),
@@ -847,6 +848,33 @@ impl LeaseRelease for RedisLease {
             .await
             .map_err(StoreError::unavailable)?;
         Ok(())
+    }
+}
+
+/// Refuses a Redis Cluster node (`cluster_enabled:1`; a server whose `INFO` is disabled
+/// is taken for a standalone one). Why: the save script writes a key's set and the
+/// grant-wide due index in one atomic step, which a cluster can only do within one hash
+/// slot; and a cluster fails over to replicas fed asynchronously, so an acknowledged save
+/// of a rotated refresh token can be lost, after which the consumed token is presented
+/// again and the grant revoked.
+async fn refuse_cluster(connection: &mut ConnectionManager) -> Result<(), StoreError> {
+    let info: Result<String, _> = redis::cmd("INFO")
+        .arg("cluster")
+        .query_async(connection)
+        .await;
+    match info {
+        Ok(info) if info.lines().any(|line| line.trim() == "cluster_enabled:1") => {
+            Err(StoreError::Misconfigured(
+                "this Redis server is a Redis Cluster node, which RedisStore refuses: a save \
+                 updates a key and the due index atomically, which a cluster allows only \
+                 within one hash slot, and a cluster failover can lose an acknowledged save \
+                 of a rotated refresh token (the consumed token would then be presented \
+                 again); use a standalone Redis (with replicas only for reads and backups), \
+                 or PostgreSQL"
+                    .into(),
+            ))
+        }
+        _ => Ok(()),
     }
 }
 

@@ -32,6 +32,8 @@ pub struct RedisServer {
     port: u16,
     dir: tempfile::TempDir,
     persistent: bool,
+    /// More `redis-server` arguments.
+    extra: Vec<String>,
     child: Option<Child>,
 }
 
@@ -47,7 +49,21 @@ impl RedisServer {
         Self::start_with(true)
     }
 
+    /// A server started with these extra arguments (cluster mode, TLS).
+    pub fn start_with_args(extra: &[&str]) -> Self {
+        Self::start_configured(false, extra)
+    }
+
+    /// Its data directory (for files its arguments name).
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
     fn start_with(persistent: bool) -> Self {
+        Self::start_configured(persistent, &[])
+    }
+
+    fn start_configured(persistent: bool, extra: &[&str]) -> Self {
         let mut last_error = String::new();
         // A port picked free can be taken before the server binds it: try a few.
         for _ in 0..5 {
@@ -55,6 +71,7 @@ impl RedisServer {
                 port: free_port(),
                 dir: tempfile::tempdir().expect("temp dir for redis"),
                 persistent,
+                extra: extra.iter().map(|a| (*a).to_owned()).collect(),
                 child: None,
             };
             match server.spawn() {
@@ -81,6 +98,7 @@ impl RedisServer {
         } else {
             command.args(["--appendonly", "no"]);
         }
+        command.args(&self.extra);
         let mut child = command
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| e.to_string())?)
