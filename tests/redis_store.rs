@@ -513,3 +513,37 @@ async fn a_redis_cluster_node_is_refused_with_the_reason() {
     let standalone = RedisServer::start();
     RedisStore::connect(&standalone.url()).await.unwrap();
 }
+
+#[path = "support/tls.rs"]
+mod tls;
+
+/// `rediss://` with a private CA made at test time: the conformance suite passes; the
+/// system's roots, a certificate for another host name and a root without TLS are
+/// refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_with_a_private_ca_conforms_and_refuses_what_it_should() {
+    let tls = tls::TlsRedis::start(&["localhost", "127.0.0.1"]);
+    let store = RedisStore::connect_with_root_certificates(&tls.url(), tls.ca.pem.as_bytes())
+        .await
+        .expect("connect over TLS with the private CA");
+    conformance::run(&store, Leases::Expiring).await;
+
+    // The system's roots do not know the private CA.
+    match RedisStore::connect(&tls.url()).await {
+        Err(StoreError::Unavailable(_)) => {}
+        other => panic!("an unknown issuer is refused, got {other:?}"),
+    }
+    // Roots are for TLS only.
+    let plain = tls.server.url();
+    assert!(matches!(
+        RedisStore::connect_with_root_certificates(&plain, tls.ca.pem.as_bytes()).await,
+        Err(StoreError::Misconfigured(_))
+    ));
+
+    // A certificate for another host name.
+    let other = tls::TlsRedis::start(&["other.example"]);
+    match RedisStore::connect_with_root_certificates(&other.url(), other.ca.pem.as_bytes()).await {
+        Err(StoreError::Unavailable(_)) => {}
+        other => panic!("a certificate for another host is refused, got {other:?}"),
+    }
+}

@@ -11,6 +11,8 @@
 mod children;
 #[path = "support/servers.rs"]
 mod servers;
+#[path = "support/tls.rs"]
+mod tls;
 
 use std::process::Child;
 use std::sync::Arc;
@@ -382,6 +384,14 @@ mod redis {
     async fn redis_four_replicas_refresh_once_per_expiry() {
         let server = servers::RedisServer::start();
         four_replicas_refresh_once_per_expiry(Backend::Redis, server.url()).await;
+    }
+
+    /// The same over TLS (`rediss://`, a private CA made at test time).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_four_replicas_refresh_once_per_expiry_over_tls() {
+        let tls = tls::TlsRedis::start(&["localhost", "127.0.0.1"]);
+        let url = format!("{}#ca={}", tls.url(), tls.ca_path().display());
+        four_replicas_refresh_once_per_expiry(Backend::Redis, url).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

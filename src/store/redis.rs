@@ -240,22 +240,73 @@ fn redact(url: &str) -> String {
     }
 }
 
+/// A URL the redis crate refused, described by kind only (its error may quote the URL,
+/// password included).
+fn invalid_url(e: redis::RedisError) -> StoreError {
+    StoreError::Misconfigured(InvalidUrl(format!("{:?}", e.kind())).to_string())
+}
+
+/// Whether the URL's host is this machine (`localhost`, `127.0.0.0/8`, `::1`).
+fn host_is_loopback(url: &url::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => true,
+    }
+}
+
 /// Why the URL given to [`RedisStore::connect`] was refused (never quotes it).
 #[derive(Debug, thiserror::Error)]
 #[error("invalid Redis URL: {0}")]
 struct InvalidUrl(String);
 
 impl RedisStore {
-    /// Connects to the Redis server at `url` (`redis://[user[:password]@]host[:port][/db]`;
-    /// `rediss://` needs a TLS feature of the `redis` crate that this crate does not
-    /// enable). Fails with [`StoreError::Misconfigured`] for a URL it cannot use, and
-    /// [`StoreError::Unavailable`] if the server cannot be reached.
+    /// Connects to the Redis server at `url`: `redis://[user[:password]@]host[:port][/db]`,
+    /// or `rediss://...` for TLS (rustls; the server's certificate is verified against
+    /// the system's root certificates and must name the host: see
+    /// [`RedisStore::connect_with_root_certificates`] for a private CA). A plaintext
+    /// connection to a host that is not loopback is logged at warn. Fails with
+    /// [`StoreError::Misconfigured`] for a URL it cannot use or a Redis Cluster node, and
+    /// [`StoreError::Unavailable`] if the server cannot be reached (or its certificate is
+    /// refused).
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url).map_err(invalid_url)?;
+        Self::connect_client(client, url).await
+    }
+
+    /// [`RedisStore::connect`] over TLS (`rediss://`) verifying the server's certificate
+    /// against `root_certificates_pem` (one or more PEM certificates: a private CA)
+    /// instead of the system's roots.
+    pub async fn connect_with_root_certificates(
+        url: &str,
+        root_certificates_pem: &[u8],
+    ) -> Result<Self, StoreError> {
+        if !url.starts_with("rediss://") {
+            return Err(StoreError::Misconfigured(
+                "root certificates are for a TLS connection: the URL must start with rediss://"
+                    .into(),
+            ));
+        }
+        let client = redis::Client::build_with_tls(
+            url,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(root_certificates_pem.to_vec()),
+            },
+        )
+        .map_err(invalid_url)?;
+        Self::connect_client(client, url).await
+    }
+
+    async fn connect_client(client: redis::Client, url: &str) -> Result<Self, StoreError> {
         let redacted_url = redact(url);
-        let client = redis::Client::open(url).map_err(|e| {
-            // The redis error may quote the URL: describe it by kind only.
-            StoreError::Misconfigured(InvalidUrl(format!("{:?}", e.kind())).to_string())
-        })?;
+        if let Ok(parsed) = url::Url::parse(url)
+            && parsed.scheme() == "redis"
+            && !host_is_loopback(&parsed)
+        {
+            tracing::warn!(url = %redacted_url, "connecting to Redis in plaintext over the network: the tokens and the password travel in clear; use rediss://");
+        }
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(5)))
             .set_response_timeout(Some(Duration::from_secs(5)))

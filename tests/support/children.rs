@@ -31,12 +31,22 @@ pub async fn connect(
 ) -> Arc<dyn TokenStore> {
     let _ = operation_timeout;
     match backend {
+        // A TLS test appends `#ca=<path>`: the private CA the server's certificate is
+        // signed by (the redis crate takes no root from the URL).
         #[cfg(feature = "redis")]
-        Backend::Redis => Arc::new(
-            tokenkeeper::store::redis::RedisStore::connect(url)
+        Backend::Redis => Arc::new(match url.split_once("#ca=") {
+            Some((url, ca)) => {
+                tokenkeeper::store::redis::RedisStore::connect_with_root_certificates(
+                    url,
+                    &std::fs::read(ca).expect("the test CA"),
+                )
+                .await
+                .expect("connect to redis over TLS")
+            }
+            None => tokenkeeper::store::redis::RedisStore::connect(url)
                 .await
                 .expect("connect to redis"),
-        ),
+        }),
         #[cfg(feature = "postgres")]
         Backend::Postgres => {
             let store = tokenkeeper::store::postgres::PostgresStore::connect(url)
