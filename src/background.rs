@@ -16,6 +16,7 @@ pub struct BackgroundTask {
 }
 
 impl BackgroundTask {
+    #[cfg_attr(not(feature = "manager"), allow(dead_code))]
     pub(crate) fn new(task: tokio::task::JoinHandle<()>) -> Self {
         Self { task }
     }

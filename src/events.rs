@@ -82,6 +82,8 @@ fn slot(kind: EventKind) -> usize {
     }
 }
 
+// Made and read by a manager only.
+#[cfg_attr(not(feature = "manager"), allow(dead_code))]
 impl EventSink {
     /// A channel keeping the newest `capacity` events for each receiver.
     pub(crate) fn new(capacity: usize) -> Self {

@@ -712,3 +712,54 @@ async fn postgres_create_schema_refuses_a_table_of_a_newer_version_and_leaves_it
     let loaded = store.load(&key).await.unwrap().expect("the row is kept");
     assert_eq!(loaded.value, set);
 }
+
+#[path = "support/tls.rs"]
+mod tls;
+
+/// TLS with certificates made at test time: `verify-full` with the private CA passes the
+/// conformance suite over TLS connections; another host's certificate is refused by
+/// `verify-full` and accepted by `verify-ca`; the system's roots do not know the CA; and
+/// `require` against a server without TLS fails clearly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_over_tls_conforms_and_refuses_what_it_should() {
+    let tls = tls::TlsPostgres::start(&["localhost", "127.0.0.1"]);
+    let store = PostgresStore::connect(&tls.url("verify-full"))
+        .await
+        .expect("connect with verify-full and the private CA");
+    store.create_schema().await.unwrap();
+    conformance::run(&store, Leases::Expiring).await;
+    let client = raw(&tls.server.url()).await;
+    let encrypted: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE s.ssl AND a.backend_type = 'client backend'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(encrypted >= 1, "the store's connections are encrypted");
+
+    let wrong_name = tls::TlsPostgres::start(&["other.example"]);
+    match PostgresStore::connect(&wrong_name.url("verify-full")).await {
+        Err(StoreError::Misconfigured(why)) => assert!(why.contains("certificate"), "{why}"),
+        other => panic!("verify-full refuses another host's certificate, got {other:?}"),
+    }
+    PostgresStore::connect(&wrong_name.url("verify-ca"))
+        .await
+        .expect("verify-ca checks the chain only");
+    let system_roots = format!(
+        "postgresql://postgres@localhost:{}/postgres?sslmode=verify-full",
+        tls.server.port()
+    );
+    assert!(matches!(
+        PostgresStore::connect(&system_roots).await,
+        Err(StoreError::Misconfigured(_))
+    ));
+
+    let plaintext = PostgresServer::start();
+    match PostgresStore::connect(&format!("{}?sslmode=require", plaintext.url())).await {
+        Err(StoreError::Misconfigured(why)) => assert!(why.contains("TLS"), "{why}"),
+        other => panic!("require against a server without TLS fails clearly, got {other:?}"),
+    }
+}

@@ -528,9 +528,10 @@ async fn rediss_with_a_private_ca_conforms_and_refuses_what_it_should() {
         .expect("connect over TLS with the private CA");
     conformance::run(&store, Leases::Expiring).await;
 
-    // The system's roots do not know the private CA.
+    // The system's roots do not know the private CA: a configuration error, not a
+    // retry-later one.
     match RedisStore::connect(&tls.url()).await {
-        Err(StoreError::Unavailable(_)) => {}
+        Err(StoreError::Misconfigured(why)) => assert!(why.contains("certificate"), "{why}"),
         other => panic!("an unknown issuer is refused, got {other:?}"),
     }
     // Roots are for TLS only.
@@ -543,7 +544,7 @@ async fn rediss_with_a_private_ca_conforms_and_refuses_what_it_should() {
     // A certificate for another host name.
     let other = tls::TlsRedis::start(&["other.example"]);
     match RedisStore::connect_with_root_certificates(&other.url(), other.ca.pem.as_bytes()).await {
-        Err(StoreError::Unavailable(_)) => {}
+        Err(StoreError::Misconfigured(why)) => assert!(why.contains("certificate"), "{why}"),
         other => panic!("a certificate for another host is refused, got {other:?}"),
     }
 }

@@ -417,6 +417,13 @@ mod postgres {
         four_replicas_refresh_once_per_expiry(Backend::Postgres, server.url()).await;
     }
 
+    /// The same over TLS (`sslmode=verify-full`, a private CA made at test time).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_four_replicas_refresh_once_per_expiry_over_tls() {
+        let tls = tls::TlsPostgres::start(&["localhost", "127.0.0.1"]);
+        four_replicas_refresh_once_per_expiry(Backend::Postgres, tls.url("verify-full")).await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn postgres_killed_holder_before_rotation_loses_nothing() {
         let server = servers::PostgresServer::start();

@@ -433,6 +433,36 @@ impl StoreError {
     }
 }
 
+/// A connection failure no retry mends, as [`StoreError::Misconfigured`]: the server's
+/// certificate refused (an unknown issuer, another host's name, expired), or a server
+/// without TLS where TLS is required. Any other error as it is.
+#[cfg(any(feature = "redis", feature = "postgres"))]
+pub(crate) fn tls_refusal(e: StoreError) -> StoreError {
+    let StoreError::Unavailable(source) = &e else {
+        return e;
+    };
+    let mut chain = String::new();
+    let mut deepest = String::new();
+    let mut next: Option<&(dyn StdError + 'static)> = Some(source.as_ref());
+    while let Some(error) = next {
+        deepest = error.to_string();
+        chain.push_str(&deepest);
+        chain.push_str(": ");
+        next = error.source();
+    }
+    if chain.contains("invalid peer certificate") {
+        StoreError::Misconfigured(format!(
+            "the server's TLS certificate was refused ({deepest}): check the root certificates and the host name"
+        ))
+    } else if chain.contains("does not support TLS") {
+        StoreError::Misconfigured(
+            "the server does not offer TLS, which the connection requires (sslmode)".into(),
+        )
+    } else {
+        e
+    }
+}
+
 /// The schema version written by [`encode`].
 pub const SCHEMA_VERSION: u32 = 1;
 

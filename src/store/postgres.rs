@@ -100,6 +100,8 @@ use tokio::time::Instant;
 use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
 
+mod tls;
+
 use super::{
     LEASE_ERRORS_TOLERATED, Lease, LeaseRelease, StoreError, TokenStore, Versioned, deadline_from,
     decode, encode, next_version, poll_lease,
@@ -114,8 +116,9 @@ pub const DEFAULT_TABLE: &str = "tokenkeeper_tokens";
 ///
 /// Cheap to clone: clones share one connection pool. While the database is unreachable
 /// every operation fails with [`StoreError::Unavailable`]; new connections are made when
-/// it is back. TLS is not enabled (`NoTls`): use a local socket, a private network or a
-/// TLS-terminating proxy, or build the pool yourself and use [`PostgresStore::from_pool`].
+/// it is back. TLS is rustls, configured by libpq's `sslmode` and `sslrootcert` in the
+/// connection string (see [`PostgresStore::connect`]); or build the pool yourself and use
+/// [`PostgresStore::from_pool`].
 ///
 /// ```no_run
 /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -306,6 +309,20 @@ fn valid_table_name(name: &str) -> bool {
     }
 }
 
+/// Whether every host of `pg` is this machine (loopback or a Unix socket).
+fn only_loopback(pg: &tokio_postgres::Config) -> bool {
+    pg.get_hosts().iter().all(|host| match host {
+        tokio_postgres::config::Host::Tcp(name) => {
+            name.eq_ignore_ascii_case("localhost")
+                || name
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+        #[cfg(unix)]
+        tokio_postgres::config::Host::Unix(_) => true,
+    })
+}
+
 /// The schema version [`PostgresStore::create_schema`] brings a table to (see
 /// [`PostgresStore::table_version`]).
 pub const TABLE_VERSION: u32 = 2;
@@ -324,13 +341,21 @@ fn table_version_sql(t: &str) -> String {
 impl PostgresStore {
     /// Connects to the database described by `config`: a URL
     /// (`postgresql://user[:password]@host[:port]/dbname`) or a `key=value` string, as
-    /// `tokio_postgres::Config` parses them. Makes one connection to check that the
-    /// database is reachable ([`StoreError::Unavailable`] otherwise), and keeps a pool of
-    /// up to 8.
+    /// `tokio_postgres::Config` parses them, plus libpq's TLS parameters: `sslmode`
+    /// (`disable`; `prefer`, the default, and `require`: encrypted, the certificate not
+    /// checked unless `sslrootcert` is given; `verify-ca`: signed by a trusted root;
+    /// `verify-full`: and naming the host) and `sslrootcert` (a PEM file of trusted roots,
+    /// or `system`, the default). TLS is rustls. Makes one connection to check that the
+    /// database is reachable ([`StoreError::Unavailable`] otherwise;
+    /// [`StoreError::Misconfigured`] for a refused certificate or a server without the TLS
+    /// the mode requires), and keeps a pool of up to 8. A plaintext connection to a host
+    /// that is not loopback is logged at warn.
     pub async fn connect(config: &str) -> Result<Self, StoreError> {
+        let (config, tls) = tls::split(config)?;
         let mut pg: tokio_postgres::Config = config.parse().map_err(|_| {
             StoreError::Misconfigured("the PostgreSQL connection string cannot be parsed".into())
         })?;
+        pg.ssl_mode(tls.mode.negotiation());
         if pg.get_connect_timeout().is_none() {
             pg.connect_timeout(Duration::from_secs(5));
         }
@@ -346,13 +371,16 @@ impl PostgresStore {
             .keepalives_interval(Duration::from_secs(5))
             .keepalives_retries(3);
         let target = describe(&pg);
-        let manager = Manager::from_config(
-            pg,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        if tls.mode == tls::SslMode::Disable && !only_loopback(&pg) {
+            tracing::warn!(target = %target, "connecting to PostgreSQL in plaintext over the network (sslmode=disable): the tokens and the password travel in clear");
+        }
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match tls::connector(&tls)? {
+            Some(connector) => Manager::from_config(pg, connector, manager_config),
+            None => Manager::from_config(pg, NoTls, manager_config),
+        };
         let pool = Pool::builder(manager)
             .max_size(8)
             .runtime(Runtime::Tokio1)
@@ -362,7 +390,7 @@ impl PostgresStore {
             .build()
             .map_err(StoreError::unavailable)?;
         let store = Self::with_pool(pool, target);
-        drop(store.client().await?);
+        drop(store.client().await.map_err(super::tls_refusal)?);
         Ok(store)
     }
 

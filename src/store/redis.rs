@@ -315,7 +315,7 @@ impl RedisStore {
             .set_max_delay(Duration::from_millis(500));
         let connection = ConnectionManager::new_with_config(client, config)
             .await
-            .map_err(StoreError::unavailable)?;
+            .map_err(|e| super::tls_refusal(StoreError::unavailable(e)))?;
         refuse_cluster(&mut connection.clone()).await?;
         Ok(Self {
             connection,

@@ -358,6 +358,36 @@ impl PostgresServer {
             panic!("PostgreSQL did not restart: {e}");
         }
     }
+
+    /// Turns TLS on (`ssl = on`) with this certificate and key, copied into the data
+    /// directory, and restarts the server. Plaintext connections stay allowed.
+    pub fn enable_tls(&mut self, cert: &Path, key: &Path) {
+        let data = self.data_dir();
+        let (crt, pem) = (data.join("server.crt"), data.join("server.key"));
+        std::fs::copy(cert, &crt).expect("copy the certificate");
+        std::fs::copy(key, &pem).expect("copy the key");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&pem, std::fs::Permissions::from_mode(0o600))
+                .expect("key mode");
+        }
+        if is_root() {
+            let status = Command::new("chown")
+                .arg("postgres:postgres")
+                .arg(&crt)
+                .arg(&pem)
+                .status()
+                .expect("run chown");
+            assert!(status.success(), "chown of the TLS files failed");
+        }
+        let mut conf = std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .expect("postgresql.conf");
+        std::io::Write::write_all(&mut conf, b"\nssl = on\n").expect("enable ssl");
+        self.restart();
+    }
 }
 
 impl Drop for PostgresServer {

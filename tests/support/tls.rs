@@ -118,3 +118,37 @@ impl TlsRedis {
         self.certs.path().join("ca.crt")
     }
 }
+
+/// A PostgreSQL server with TLS on, its certificate (for `names`) signed by a private CA
+/// made at test time. Needs `mod servers` beside `mod tls`.
+pub struct TlsPostgres {
+    pub server: super::servers::PostgresServer,
+    certs: tempfile::TempDir,
+    pub ca: TestCa,
+}
+
+impl TlsPostgres {
+    pub fn start(names: &[&str]) -> Self {
+        let certs = tempfile::tempdir().expect("a temp dir for certificates");
+        let ca = TestCa::new();
+        let files = ca.server(names, certs.path(), "postgres");
+        ca.write(certs.path());
+        let mut server = super::servers::PostgresServer::start();
+        server.enable_tls(&files.cert, &files.key);
+        Self { server, certs, ca }
+    }
+
+    /// A URL to `localhost` with `sslmode` and the CA as `sslrootcert`.
+    pub fn url(&self, sslmode: &str) -> String {
+        format!(
+            "postgresql://postgres@localhost:{}/postgres?sslmode={sslmode}&sslrootcert={}",
+            self.server.port(),
+            self.ca_path().display()
+        )
+    }
+
+    /// The CA's certificate file.
+    pub fn ca_path(&self) -> std::path::PathBuf {
+        self.certs.path().join("ca.crt")
+    }
+}
