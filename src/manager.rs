@@ -185,23 +185,16 @@ impl ManagerBuilder {
     /// [`crate::Builder::exhausted_after`]; default a day): its attempts are then an hour
     /// apart, sweeps included, so that a grant the provider keeps failing costs next to
     /// nothing. The failure time lives in the grant's memory: a grant evicted and loaded
-    /// again starts counting anew (a sweep still spaces it, up to a day).
+    /// again starts counting anew (a sweep still spaces it: 30 s doubling to 10 minutes,
+    /// or an hour once exhausted).
     pub fn exhausted_after(mut self, after: StdDuration) -> Self {
         self.timing.exhausted_after = after;
         self
     }
 
-    /// The HTTP client token requests are sent with (a proxy, extra root certificates,
-    /// a user agent, connection limits), shared with whatever else uses it. Default: a
-    /// client of this manager (one for all its grants)'s own. The profile's request timeout applies to every
-    /// request whatever the client's own settings, and the body is capped as ever. The
-    /// client **must not follow redirects** (`redirect(reqwest::redirect::Policy::none())`):
-    /// a token request redirected with `307` or `308` would carry the client secret and
-    /// the refresh token to the redirect's target. If it does follow one, the answer is
-    /// used all the same (the target may have rotated the refresh token: dropping its
-    /// successor would get the used token presented again) and an error is logged. Its
-    /// proxy settings apply even to a loopback token endpoint (the default client never
-    /// proxies those).
+    /// The HTTP client every grant's token requests are sent with (see
+    /// [`crate::Builder::http_client`]: it must not follow redirects). Default: one
+    /// client of the manager's own, shared by all its grants.
     pub fn http_client(mut self, client: reqwest::Client) -> Self {
         self.http_client = Some(client);
         self
