@@ -28,7 +28,7 @@ use crate::http::TokenEndpoint;
 use crate::provider::ProviderProfile;
 use crate::refresh::{RefreshingTokenSource, TimingOptions};
 use crate::secret::ClientCredentials;
-use crate::store::{MemoryStore, TokenStore};
+use crate::store::{MemoryStore, RefuseSealed, TokenStore};
 use crate::token::DEFAULT_LEEWAY;
 
 /// Many grants (one per user) of one provider and client, driven by the same grant
@@ -222,7 +222,9 @@ impl ManagerBuilder {
                         self.credentials,
                         self.http_client,
                     )?),
-                    store: self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),
+                    store: Arc::new(RefuseSealed(
+                        self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),
+                    )),
                     initial_refresh_token: None,
                     leeway: self.leeway,
                     clock: self.clock,

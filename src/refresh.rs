@@ -20,7 +20,7 @@ use crate::provider::ProviderProfile;
 use crate::secret::{AccessToken, ClientCredentials, RefreshToken};
 use crate::source::TokenSource;
 use crate::status::Status;
-use crate::store::{MemoryStore, TokenStore};
+use crate::store::{MemoryStore, RefuseSealed, TokenStore};
 use crate::token::{DEFAULT_LEEWAY, Freshness, TokenSet};
 
 /// A [`TokenSource`] that refreshes through a provider's token endpoint, exactly once per
@@ -217,7 +217,7 @@ impl Builder {
             inner: Arc::new(Engine::new(
                 Arc::new(EngineConfig {
                     endpoint,
-                    store,
+                    store: Arc::new(RefuseSealed(store)),
                     initial_refresh_token: self.initial_refresh_token,
                     leeway: self.leeway,
                     clock: self.clock,

@@ -205,6 +205,67 @@ async fn plaintext_is_refused_unless_asked_for_and_then_sealed_at_the_next_save(
     );
 }
 
+/// A replica (or the CLI) reading the store without the wrapper: a rolling deployment
+/// that turns encryption on, a rollback. It must not take an envelope for a token: that
+/// would present it, get `invalid_grant`, and mark the grant rejected for everyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_without_the_wrapper_refuses_sealed_sets_and_presents_nothing() {
+    let sim = Simulator::builder(Mode::Lucid).start().await.unwrap();
+    let inner = MemoryStore::new();
+    refresh_through(EncryptedStore::new(inner.clone(), key("k1", 1)), &sim).await;
+    let before = inner.get("sealed-user").unwrap();
+    let requests = sim.counters().requests;
+    let unwrapped = RefreshingTokenSource::builder(sim.profile(), sim.credentials())
+        .store(inner.clone())
+        .key("sealed-user")
+        .build()
+        .unwrap();
+    for _ in 0..3 {
+        match unwrapped.fresh_access_token().await {
+            Err(Error::Storage(StoreError::Undecryptable { .. })) => {}
+            other => panic!("a sealed set read without the wrapper is refused: {other:?}"),
+        }
+    }
+    assert_eq!(sim.counters().requests, requests, "nothing was presented");
+    assert_eq!(
+        inner.get("sealed-user").unwrap(),
+        before,
+        "nothing was written"
+    );
+    // The encrypted replicas go on.
+    let sealed = RefreshingTokenSource::builder(sim.profile(), sim.credentials())
+        .store(EncryptedStore::new(inner, key("k1", 1)))
+        .key("sealed-user")
+        .build()
+        .unwrap();
+    sealed.access_token().await.unwrap();
+}
+
+/// With plaintext reads on (migrating), a set is plain whole or sealed whole: a plain
+/// token planted beside sealed fields is refused.
+#[tokio::test]
+async fn a_half_sealed_set_is_refused_even_with_plaintext_reads() {
+    let inner = MemoryStore::new();
+    let store = EncryptedStore::new(inner.clone(), key("k1", 1)).with_plaintext_reads();
+    let k = unique_key("half");
+    put(&store, &k, &sample("half")).await;
+    let mut planted = inner.get(&k).unwrap().value;
+    planted.access_token = Some(tokenkeeper::AccessToken::new("planted-in-clear"));
+    inner.put(&k, planted);
+    assert!(matches!(
+        store.load(&k).await,
+        Err(StoreError::Undecryptable { .. })
+    ));
+    // A sealed token in a set without the marker, too.
+    let mut unmarked = sample("half");
+    unmarked.refresh_token = inner.get(&k).unwrap().value.refresh_token;
+    inner.put(&k, unmarked);
+    assert!(matches!(
+        store.load(&k).await,
+        Err(StoreError::Undecryptable { .. })
+    ));
+}
+
 #[test]
 fn keys_are_checked_and_never_shown() {
     // 32 bytes of 7, padded standard base64 (URL-safe unpadded works too).

@@ -681,12 +681,25 @@ async fn postgres_create_schema_refuses_a_table_of_a_newer_version_and_leaves_it
     assert_eq!(store.table_version().await.unwrap(), None, "no table yet");
     store.create_schema().await.unwrap();
     assert_eq!(store.table_version().await.unwrap(), Some(2));
+    let client = raw(&server.url()).await;
+    let comment: Option<String> = client
+        .query_one(
+            "SELECT obj_description('tokenkeeper_tokens'::regclass, 'pg_class')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        comment.as_deref(),
+        Some("tokenkeeper schema 2"),
+        "a new table records its version"
+    );
     let key = unique_key("newer");
     let set = sample("newer");
     save_leased(&store, &key, &set, None).await.unwrap();
 
     // A later tokenkeeper upgraded the table to a version this one does not know.
-    let client = raw(&server.url()).await;
     client
         .batch_execute(
             "COMMENT ON TABLE tokenkeeper_tokens IS 'tokenkeeper schema 7'; \

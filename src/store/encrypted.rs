@@ -25,6 +25,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chacha20poly1305::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use secrecy::zeroize::Zeroizing;
 use secrecy::{ExposeSecret, SecretBox};
 use time::OffsetDateTime;
 
@@ -34,8 +35,9 @@ use crate::token::TokenSet;
 
 /// The envelope's prefix (format version 1).
 const PREFIX: &str = "tk1";
-/// The field of [`TokenSet::extra`] holding the sealed extra fields.
-const SEALED_EXTRA: &str = "tokenkeeper_sealed";
+/// The field of [`TokenSet::extra`] holding the sealed extra fields (always present in
+/// a sealed set: its marker).
+const SEALED_EXTRA: &str = super::SEALED_MARKER;
 /// XChaCha20's nonce length.
 const NONCE_LEN: usize = 24;
 
@@ -59,6 +61,8 @@ impl EncryptionKey {
     /// A key named `id` (1 to 32 characters of `A-Z a-z 0-9 _ -`: it is written beside
     /// each ciphertext, so that the right key opens it after a rotation).
     pub fn new(id: impl Into<String>, key: [u8; 32]) -> Result<Self, StoreError> {
+        // This copy of the bytes is wiped once boxed (the caller's is the caller's).
+        let mut key = Zeroizing::new(key);
         let id = id.into();
         let valid = !id.is_empty()
             && id.len() <= 32
@@ -72,20 +76,27 @@ impl EncryptionKey {
         }
         Ok(Self {
             id,
-            key: Arc::new(SecretBox::new(Box::new(key))),
+            key: Arc::new(SecretBox::new(Box::new(std::mem::take(&mut *key)))),
         })
     }
 
     /// A key given as 32 bytes in base64 (standard or URL-safe, padded or not), as kept in
     /// a secret manager or an environment variable. The error never quotes the value.
     pub fn from_base64(id: impl Into<String>, encoded: &str) -> Result<Self, StoreError> {
-        let encoded = encoded.trim().trim_end_matches('=');
-        let bytes = URL_SAFE_NO_PAD
-            .decode(encoded.replace('+', "-").replace('/', "_"))
-            .map_err(|_| {
+        // The standard alphabet in the URL-safe one; every copy wiped when dropped.
+        let mut normalized = Zeroizing::new(String::with_capacity(encoded.len()));
+        for c in encoded.trim().trim_end_matches('=').chars() {
+            normalized.push(match c {
+                '+' => '-',
+                '/' => '_',
+                c => c,
+            });
+        }
+        let bytes =
+            Zeroizing::new(URL_SAFE_NO_PAD.decode(normalized.as_bytes()).map_err(|_| {
                 StoreError::Misconfigured("the encryption key is not valid base64".into())
-            })?;
-        let key: [u8; 32] = bytes.try_into().map_err(|_| {
+            })?);
+        let key: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
             StoreError::Misconfigured("an encryption key is 32 bytes (256 bits)".into())
         })?;
         Self::new(id, key)
@@ -192,51 +203,64 @@ impl<S: TokenStore> EncryptedStore<S> {
             .as_ref()
             .map(|t| seal(current, key, "refresh_token", t.secret()).map(RefreshToken::new))
             .transpose()?;
-        if !set.extra.is_empty() {
-            let json = serde_json::to_string(&set.extra).map_err(|_| {
-                StoreError::Misconfigured("the extra fields cannot be serialized".into())
-            })?;
-            sealed.extra = serde_json::Map::new();
-            sealed.extra.insert(
-                SEALED_EXTRA.into(),
-                serde_json::Value::String(seal(current, key, "extra", &json)?),
-            );
-        }
+        // Always, even with no extra fields: the marker of a sealed set, which every
+        // reader without this wrapper refuses rather than take an envelope for a token.
+        let json = serde_json::to_string(&set.extra).map_err(|_| {
+            StoreError::Misconfigured("the extra fields cannot be serialized".into())
+        })?;
+        sealed.extra = serde_json::Map::new();
+        sealed.extra.insert(
+            SEALED_EXTRA.into(),
+            serde_json::Value::String(seal(current, key, "extra", &json)?),
+        );
         Ok(sealed)
     }
 
-    /// `set` as stored under `key`, opened.
+    /// `set` as stored under `key`, opened. A set is sealed whole (its marker, every
+    /// token) or, with [`with_plaintext_reads`](Self::with_plaintext_reads), plain whole;
+    /// anything in between (a plain token planted beside sealed ones) is refused.
     fn open(&self, key: &str, set: TokenSet) -> Result<TokenSet, StoreError> {
         let mut opened = set;
-        if let Some(token) = &opened.access_token {
-            opened.access_token = Some(AccessToken::new(self.open_field(
-                key,
-                "access_token",
-                token.secret(),
-            )?));
-        }
-        if let Some(token) = &opened.refresh_token {
-            opened.refresh_token = Some(RefreshToken::new(self.open_field(
-                key,
-                "refresh_token",
-                token.secret(),
-            )?));
-        }
-        match opened.extra.get(SEALED_EXTRA) {
+        let sealed = match opened.extra.get(SEALED_EXTRA) {
             Some(serde_json::Value::String(envelope)) if opened.extra.len() == 1 => {
                 let json = self.open_field(key, "extra", envelope)?;
                 opened.extra = serde_json::from_str(&json).map_err(|_| undecryptable(key))?;
+                true
             }
-            _ if opened.extra.is_empty() || self.plaintext_reads => {}
-            _ => return Err(undecryptable(key)),
+            Some(_) => return Err(undecryptable(key)),
+            None if self.plaintext_reads => false,
+            None => return Err(undecryptable(key)),
+        };
+        if let Some(token) = &opened.access_token {
+            let plain = self.open_token(key, "access_token", token.secret(), sealed)?;
+            opened.access_token = Some(AccessToken::new(plain));
+        }
+        if let Some(token) = &opened.refresh_token {
+            let plain = self.open_token(key, "refresh_token", token.secret(), sealed)?;
+            opened.refresh_token = Some(RefreshToken::new(plain));
         }
         Ok(opened)
+    }
+
+    /// A token of a sealed set (which must open), or of a plain one (which must not be
+    /// an envelope).
+    fn open_token(
+        &self,
+        key: &str,
+        field: &str,
+        value: &str,
+        sealed: bool,
+    ) -> Result<String, StoreError> {
+        match (open(&self.keys, key, field, value), sealed) {
+            (Opened::Plain(text), true) => Ok(text),
+            (Opened::NotSealed, false) => Ok(value.to_owned()),
+            _ => Err(undecryptable(key)),
+        }
     }
 
     fn open_field(&self, key: &str, field: &str, value: &str) -> Result<String, StoreError> {
         match open(&self.keys, key, field, value) {
             Opened::Plain(text) => Ok(text),
-            Opened::NotSealed if self.plaintext_reads => Ok(value.to_owned()),
             Opened::NotSealed | Opened::Failed => Err(undecryptable(key)),
         }
     }

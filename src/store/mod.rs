@@ -399,7 +399,8 @@ pub enum StoreError {
     #[error("the store does not support {0}")]
     Unsupported(&'static str),
     /// The set stored under the key cannot be decrypted with the configured keys (a
-    /// missing or wrong key, or altered data): see
+    /// missing or wrong key, altered data, or a sealed set read by a source or manager
+    /// whose store is not wrapped in an `EncryptedStore` at all): see
     /// [`EncryptedStore`](crate::store::encrypted::EncryptedStore). It is left untouched;
     /// an operator must configure the key that sealed it.
     #[error(
@@ -430,6 +431,62 @@ impl StoreError {
                 | Self::Unavailable(_)
                 | Self::Timeout(_)
         )
+    }
+}
+
+/// The `extra` field under which [`EncryptedStore`](crate::store::encrypted::EncryptedStore)
+/// keeps a set's sealed fields: its presence marks a sealed set.
+pub(crate) const SEALED_MARKER: &str = "tokenkeeper_sealed";
+
+/// The store every engine uses: the application's, refusing a set sealed by an
+/// `EncryptedStore` that this one does not wrap (a replica configured without the
+/// encryption, the CLI): its envelopes are no tokens, and presenting one would get the
+/// grant marked rejected everywhere.
+pub(crate) struct RefuseSealed(pub(crate) Arc<dyn TokenStore>);
+
+impl fmt::Debug for RefuseSealed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+#[async_trait]
+impl TokenStore for RefuseSealed {
+    async fn load(&self, key: &str) -> Result<Option<Versioned<TokenSet>>, StoreError> {
+        let loaded = self.0.load(key).await?;
+        if loaded
+            .as_ref()
+            .is_some_and(|stored| stored.value.extra.contains_key(SEALED_MARKER))
+        {
+            return Err(StoreError::Undecryptable {
+                key: key.to_owned(),
+            });
+        }
+        Ok(loaded)
+    }
+    async fn save(
+        &self,
+        key: &str,
+        token: &TokenSet,
+        expected: Option<u64>,
+        lease: &Lease,
+    ) -> Result<u64, StoreError> {
+        self.0.save(key, token, expected, lease).await
+    }
+    async fn lease(&self, key: &str, ttl: Duration) -> Result<Lease, StoreError> {
+        self.0.lease(key, ttl).await
+    }
+    async fn renew(&self, key: &str, lease: &Lease, ttl: Duration) -> Result<(), StoreError> {
+        self.0.renew(key, lease, ttl).await
+    }
+    async fn keys(&self) -> Result<Vec<String>, StoreError> {
+        self.0.keys().await
+    }
+    async fn due(&self, before: OffsetDateTime, limit: usize) -> Result<Vec<String>, StoreError> {
+        self.0.due(before, limit).await
+    }
+    fn check_key(&self, key: &str) -> Result<(), StoreError> {
+        self.0.check_key(key)
     }
 }
 

@@ -355,6 +355,7 @@ impl PostgresStore {
         let mut pg: tokio_postgres::Config = config.parse().map_err(|_| {
             StoreError::Misconfigured("the PostgreSQL connection string cannot be parsed".into())
         })?;
+        let tls = tls.settle(pg.get_ssl_mode())?;
         pg.ssl_mode(tls.mode.negotiation());
         if pg.get_connect_timeout().is_none() {
             pg.connect_timeout(Duration::from_secs(5));
@@ -371,8 +372,16 @@ impl PostgresStore {
             .keepalives_interval(Duration::from_secs(5))
             .keepalives_retries(3);
         let target = describe(&pg);
-        if tls.mode == tls::SslMode::Disable && !only_loopback(&pg) {
-            tracing::warn!(target = %target, "connecting to PostgreSQL in plaintext over the network (sslmode=disable): the tokens and the password travel in clear");
+        if !only_loopback(&pg) {
+            match tls.mode {
+                tls::SslMode::Disable => {
+                    tracing::warn!(target = %target, "connecting to PostgreSQL in plaintext over the network (sslmode=disable): the tokens and the password travel in clear");
+                }
+                tls::SslMode::Prefer => {
+                    tracing::warn!(target = %target, "sslmode=prefer (the default) over the network: plaintext if the server offers no TLS, and no certificate checked; use sslmode=verify-full");
+                }
+                _ => {}
+            }
         }
         let manager_config = ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
@@ -501,7 +510,8 @@ impl PostgresStore {
              \x20           RAISE NOTICE 'not creating {unknown}: %', SQLERRM;\n\
              \x20       END;\n\
              \x20   END IF;\n\
-             \x20   IF v < {TABLE_VERSION} THEN\n\
+             \x20   IF obj_description('{t}'::regclass, 'pg_class') IS DISTINCT FROM\n\
+             \x20          'tokenkeeper schema {TABLE_VERSION}' THEN\n\
              \x20       BEGIN\n\
              \x20           COMMENT ON TABLE {t} IS 'tokenkeeper schema {TABLE_VERSION}';\n\
              \x20       EXCEPTION WHEN insufficient_privilege THEN\n\
@@ -544,6 +554,14 @@ impl PostgresStore {
         created.map_err(|e| match e.as_db_error() {
             Some(db) if db.message().starts_with("tokenkeeper:") => {
                 StoreError::Misconfigured(db.message().to_owned())
+            }
+            Some(db) if db.code() == &SqlState::INSUFFICIENT_PRIVILEGE => {
+                StoreError::Misconfigured(format!(
+                    "create_schema needs to create or upgrade the table {}, which takes its \
+                     owner (or CREATE on the schema): {}",
+                    self.shared.table,
+                    db.message()
+                ))
             }
             _ => StoreError::unavailable(e),
         })?;

@@ -249,7 +249,16 @@ fn invalid_url(e: redis::RedisError) -> StoreError {
 /// Whether the URL's host is this machine (`localhost`, `127.0.0.0/8`, `::1`).
 fn host_is_loopback(url: &url::Url) -> bool {
     match url.host() {
-        Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
+        // `redis://` is no special scheme to the URL parser: its IP addresses come as
+        // names.
+        Some(url::Host::Domain(name)) => {
+            name.eq_ignore_ascii_case("localhost")
+                || name
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
         Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
         Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
         None => true,
@@ -964,5 +973,29 @@ mod tests {
         assert!(!shown.contains("hunter"), "{shown}");
         assert!(shown.contains("example.com:6380"), "{shown}");
         assert_eq!(redact("not a url"), "<unparseable URL>");
+    }
+}
+
+#[cfg(test)]
+mod loopback_tests {
+    #[test]
+    fn loopback_hosts_are_recognized_whatever_the_parser_makes_of_them() {
+        for url in [
+            "redis://127.0.0.1:6379/0",
+            "redis://localhost/0",
+            "redis://[::1]:6379",
+            "redis://127.1.2.3",
+        ] {
+            assert!(
+                super::host_is_loopback(&url::Url::parse(url).unwrap()),
+                "{url}"
+            );
+        }
+        for url in ["redis://10.0.0.5:6379", "redis://redis.internal"] {
+            assert!(
+                !super::host_is_loopback(&url::Url::parse(url).unwrap()),
+                "{url}"
+            );
+        }
     }
 }

@@ -62,7 +62,7 @@ impl SslMode {
     }
 }
 
-/// The TLS parameters of a connection string.
+/// The TLS parameters of a connection string, checked.
 #[derive(Debug)]
 pub(super) struct TlsSettings {
     pub(super) mode: SslMode,
@@ -70,47 +70,133 @@ pub(super) struct TlsSettings {
     root_cert: Option<String>,
 }
 
+/// `sslmode` and `sslrootcert` as the connection string gave them.
+#[derive(Debug, Default)]
+pub(super) struct TlsParams {
+    mode: Option<SslMode>,
+    root_cert: Option<String>,
+}
+
 /// Takes `sslmode` and `sslrootcert` out of `config` (a URL or a `key=value` string);
-/// returns the rest for tokio-postgres, and the TLS settings.
-pub(super) fn split(config: &str) -> Result<(String, TlsSettings), StoreError> {
-    let (rest, params) = if config.starts_with("postgres://") || config.starts_with("postgresql://")
+/// returns the rest for tokio-postgres, and the parameters.
+pub(super) fn split(config: &str) -> Result<(String, TlsParams), StoreError> {
+    let (rest, found) = if config.starts_with("postgres://") || config.starts_with("postgresql://")
     {
         split_url(config)
     } else {
         split_key_values(config)
     };
-    let mut settings = TlsSettings {
-        mode: SslMode::Prefer,
-        root_cert: None,
-    };
-    for (key, value) in params {
+    let mut params = TlsParams::default();
+    for (key, value) in found {
         match key.as_str() {
-            "sslmode" => settings.mode = SslMode::parse(&value)?,
-            _ => settings.root_cert = Some(value),
+            "sslmode" => params.mode = Some(SslMode::parse(&value)?),
+            _ => params.root_cert = Some(value),
         }
     }
-    Ok((rest, settings))
+    Ok((rest, params))
+}
+
+impl TlsParams {
+    /// The settings, as libpq reads them, refusing what would check less than it seems
+    /// to. `parsed`: the mode tokio-postgres read from the rest (a parameter in a form
+    /// only it reads, such as a multi-host URL): used when this splitter found none.
+    pub(super) fn settle(
+        self,
+        parsed: tokio_postgres::config::SslMode,
+    ) -> Result<TlsSettings, StoreError> {
+        let explicit = self.mode.or(match parsed {
+            tokio_postgres::config::SslMode::Disable => Some(SslMode::Disable),
+            tokio_postgres::config::SslMode::Require => Some(SslMode::Require),
+            // Prefer is also tokio-postgres's default: not telling.
+            _ => None,
+        });
+        let refuse = |why: &str| Err(StoreError::Misconfigured(why.to_owned()));
+        let mode = match (explicit, self.root_cert.as_deref()) {
+            // Roots given: verifying is what they are for (libpq: `sslrootcert=system`
+            // makes verify-full the default and weaker modes errors).
+            (None, Some(_)) => SslMode::VerifyFull,
+            (Some(SslMode::VerifyFull), _) => SslMode::VerifyFull,
+            (Some(weaker), Some("system")) => {
+                let _ = weaker;
+                return refuse(
+                    "sslrootcert=system needs sslmode=verify-full: the system's public roots \
+                     vouch for any site's certificate, so only the host name check makes them \
+                     mean something",
+                );
+            }
+            (Some(SslMode::Disable | SslMode::Prefer), Some(_)) => {
+                return refuse(
+                    "sslrootcert is for verifying the server: use sslmode=verify-full, \
+                     verify-ca or require with it",
+                );
+            }
+            (Some(SslMode::Require | SslMode::VerifyCa), Some(_)) => SslMode::VerifyCa,
+            (Some(SslMode::VerifyCa), None) => {
+                return refuse(
+                    "sslmode=verify-ca needs sslrootcert (your CA's certificates): without a \
+                     host name check, the system's public roots would accept any site's \
+                     certificate; or use sslmode=verify-full",
+                );
+            }
+            (Some(mode), None) => mode,
+            (None, None) => SslMode::Prefer,
+        };
+        Ok(TlsSettings {
+            mode,
+            root_cert: self.root_cert,
+        })
+    }
 }
 
 fn is_tls_param(key: &str) -> bool {
     key == "sslmode" || key == "sslrootcert"
 }
 
+/// Splits the URL's query by hand, keeping the other parameters exactly as written (a
+/// URL parser would re-encode them, and multi-host URLs are not URLs to it).
 fn split_url(config: &str) -> (String, Vec<(String, String)>) {
-    let Ok(mut url) = url::Url::parse(config) else {
-        // tokio-postgres says what is wrong with it.
+    let Some((base, query)) = config.split_once('?') else {
         return (config.to_owned(), Vec::new());
     };
-    let (tls, kept): (Vec<_>, Vec<_>) = url
-        .query_pairs()
-        .map(|(k, v)| (k.into_owned(), v.into_owned()))
-        .partition(|(k, _)| is_tls_param(k));
-    if kept.is_empty() {
-        url.set_query(None);
-    } else {
-        url.query_pairs_mut().clear().extend_pairs(kept);
+    let mut kept = Vec::new();
+    let mut tls = Vec::new();
+    for part in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = part.split_once('=').unwrap_or((part, ""));
+        let key = percent_decoded(key);
+        if is_tls_param(&key) {
+            tls.push((key, percent_decoded(value)));
+        } else {
+            kept.push(part);
+        }
     }
-    (url.to_string(), tls)
+    let rest = if kept.is_empty() {
+        base.to_owned()
+    } else {
+        format!("{base}?{}", kept.join("&"))
+    };
+    (rest, tls)
+}
+
+/// `%XX` decoded (as tokio-postgres decodes URL parameters: `+` stays `+`).
+fn percent_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
+            (b'%', Some(&h), Some(&l)) if hex(h).is_some() && hex(l).is_some() => {
+                let value = hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0);
+                out.push(u8::try_from(value).unwrap_or(b'?'));
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Splits a libpq `key=value` string: values unquoted up to whitespace, or single-quoted
@@ -156,8 +242,12 @@ fn split_key_values(config: &str) -> (String, Vec<(String, String)>) {
                 if c.is_whitespace() {
                     break;
                 }
-                value.push(c);
                 chars.next();
+                if c == '\\' {
+                    value.extend(chars.next().map(|(_, c)| c));
+                } else {
+                    value.push(c);
+                }
             }
         }
         let end = chars.peek().map_or(config.len(), |&(i, _)| i);
@@ -175,11 +265,11 @@ fn split_key_values(config: &str) -> (String, Vec<(String, String)>) {
 
 /// The connector for `settings` (`None`: plaintext only).
 pub(super) fn connector(settings: &TlsSettings) -> Result<Option<MakeRustlsConnect>, StoreError> {
-    let verify = match (settings.mode, settings.root_cert.is_some()) {
-        (SslMode::Disable, _) => return Ok(None),
-        (SslMode::Prefer, _) | (SslMode::Require, false) => Verify::Nothing,
-        (SslMode::Require, true) | (SslMode::VerifyCa, _) => Verify::Chain,
-        (SslMode::VerifyFull, _) => Verify::ChainAndName,
+    let verify = match settings.mode {
+        SslMode::Disable => return Ok(None),
+        SslMode::Prefer | SslMode::Require => Verify::Nothing,
+        SslMode::VerifyCa => Verify::Chain,
+        SslMode::VerifyFull => Verify::ChainAndName,
     };
     let provider = CryptoProvider::get_default()
         .cloned()
@@ -348,33 +438,83 @@ impl ServerCertVerifier for ChainOnly {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio_postgres::config::SslMode as Parsed;
+
+    fn settled(config: &str) -> Result<(String, SslMode, Option<String>), StoreError> {
+        let (rest, params) = split(config)?;
+        let parsed: tokio_postgres::Config = rest.parse().expect("tokio-postgres parses the rest");
+        let settings = params.settle(parsed.get_ssl_mode())?;
+        Ok((rest, settings.mode, settings.root_cert))
+    }
 
     #[test]
     fn tls_parameters_are_taken_out_of_urls_and_key_value_strings() {
-        let (rest, tls) = split(
-            "postgresql://app@db.internal:5433/app?sslmode=verify-full&application_name=x&sslrootcert=/etc/ca.pem",
+        let (rest, mode, root) = settled(
+            "postgresql://app@db.internal:5433/app?sslmode=verify-full&options=-c%20statement_timeout%3D5s&sslrootcert=/etc/ca.pem",
         )
         .unwrap();
         assert_eq!(
-            rest,
-            "postgresql://app@db.internal:5433/app?application_name=x"
+            rest, "postgresql://app@db.internal:5433/app?options=-c%20statement_timeout%3D5s",
+            "the other parameters are kept exactly as written"
         );
-        assert_eq!(tls.mode, SslMode::VerifyFull);
-        assert_eq!(tls.root_cert.as_deref(), Some("/etc/ca.pem"));
+        assert_eq!(mode, SslMode::VerifyFull);
+        assert_eq!(root.as_deref(), Some("/etc/ca.pem"));
 
-        let (rest, tls) =
-            split("host=db user=app sslmode = 'verify-ca' sslrootcert='/a b/ca.pem' dbname=x")
+        let (rest, mode, root) =
+            settled("host=db user=app sslmode = 'verify-ca' sslrootcert='/a b/ca.pem' dbname=x")
                 .unwrap();
         assert_eq!(rest, "host=db user=app dbname=x");
-        assert_eq!(tls.mode, SslMode::VerifyCa);
-        assert_eq!(tls.root_cert.as_deref(), Some("/a b/ca.pem"));
+        assert_eq!(mode, SslMode::VerifyCa);
+        assert_eq!(root.as_deref(), Some("/a b/ca.pem"));
 
-        let (rest, tls) = split("postgresql://app@db/app").unwrap();
+        let (rest, mode, _) = settled("postgresql://app@db/app").unwrap();
         assert_eq!(rest, "postgresql://app@db/app");
-        assert_eq!(tls.mode, SslMode::Prefer, "libpq's default");
+        assert_eq!(mode, SslMode::Prefer, "libpq's default");
         assert!(matches!(
             split("host=db sslmode=sometimes"),
             Err(StoreError::Misconfigured(_))
         ));
+    }
+
+    #[test]
+    fn require_is_never_lost_to_a_form_the_splitter_does_not_read() {
+        // A multi-host URL, and a backslash-escaped space in a value.
+        for config in [
+            "postgresql://app@db1:5432,db2:5432/app?sslmode=require",
+            r"host=db password=p\ w sslmode=require",
+        ] {
+            let (_, mode, _) = settled(config).unwrap();
+            assert_eq!(mode, SslMode::Require, "{config}");
+        }
+        let (rest, params) = split(r"host=db password=p\ w sslmode=require").unwrap();
+        assert_eq!(params.mode, Some(SslMode::Require));
+        assert!(!rest.contains("sslmode"));
+        let parsed: tokio_postgres::Config = rest.parse().unwrap();
+        assert_eq!(parsed.get_ssl_mode(), Parsed::Prefer);
+    }
+
+    #[test]
+    fn modes_that_would_check_less_than_they_seem_are_refused() {
+        // Roots given without a mode: verify-full, as libpq does for `system`.
+        let (_, mode, _) = settled("postgresql://db/app?sslrootcert=/etc/ca.pem").unwrap();
+        assert_eq!(mode, SslMode::VerifyFull);
+        let (_, mode, _) = settled("postgresql://db/app?sslrootcert=system").unwrap();
+        assert_eq!(mode, SslMode::VerifyFull);
+        // require with a root file: the chain is checked (libpq).
+        let (_, mode, _) =
+            settled("postgresql://db/app?sslmode=require&sslrootcert=/etc/ca.pem").unwrap();
+        assert_eq!(mode, SslMode::VerifyCa);
+        for config in [
+            "postgresql://db/app?sslmode=verify-ca",
+            "postgresql://db/app?sslmode=verify-ca&sslrootcert=system",
+            "postgresql://db/app?sslmode=require&sslrootcert=system",
+            "postgresql://db/app?sslmode=prefer&sslrootcert=/etc/ca.pem",
+            "postgresql://db/app?sslmode=disable&sslrootcert=/etc/ca.pem",
+        ] {
+            assert!(
+                matches!(settled(config), Err(StoreError::Misconfigured(_))),
+                "{config}"
+            );
+        }
     }
 }
