@@ -73,6 +73,10 @@ pub(crate) enum Job {
     /// Refresh under the lease asking for these scopes (a downscoped token), keeping the
     /// full-scope token stored.
     Scoped(Vec<String>),
+    /// The store's watch reported a save: read the store (no lease) and publish the set
+    /// if it is newer and fresh; otherwise go on serving what is published (or refresh,
+    /// if that expired meanwhile).
+    Follow,
     /// Only read the store (no lease, no request): adopt a fresh set another process
     /// saved, or pick up a re-imported grant; otherwise answer `fallback`.
     Look {
@@ -133,6 +137,9 @@ pub(crate) struct EngineConfig {
     /// The manager's registry its engines are listed in, if any: each leaves it when
     /// dropped.
     pub(crate) registry: Option<Weak<Registry>>,
+    /// The task following the store's watch (see [`crate::follow`]), started with the
+    /// first flight; `None` inside when the store cannot watch.
+    pub(crate) follower: std::sync::OnceLock<Option<crate::follow::Follower>>,
 }
 
 /// One grant: its store key, its published token, its state and its flight.
@@ -242,6 +249,11 @@ pub(crate) struct State {
     /// The refresh tokens this source presented and saw rotated (the newest few): a store
     /// that hands one back has lost acknowledged writes, and it is never presented again.
     pub(crate) consumed: std::collections::VecDeque<RefreshToken>,
+    /// The newest save the store's watch reported, and when.
+    pub(crate) heard: Option<(u64, OffsetDateTime)>,
+    /// A save was reported while a flight ran: follow it once that flight ends (the
+    /// flight may have read the store before it).
+    pub(crate) follow_pending: bool,
 }
 
 /// What only a grant in trouble needs: the spacing of its next attempt, and how long it
@@ -543,6 +555,11 @@ impl Engine {
     /// Spawns the task of flight number `serial` (unique per engine); its slot is the
     /// caller's to keep.
     fn spawn_flight(self: &Arc<Self>, serial: u64, job: Job) -> Flight {
+        // The first flight of a source or manager (inside the runtime) starts following
+        // the store.
+        self.config
+            .follower
+            .get_or_init(|| crate::follow::start(self));
         let (tx, rx) = tokio::sync::oneshot::channel();
         let inner = Arc::clone(self);
         let epoch = self.state().epoch;
@@ -571,11 +588,25 @@ impl Engine {
         serial: u64,
         tx: tokio::sync::oneshot::Sender<Outcome>,
     ) {
-        let (outcome, held) = match AssertUnwindSafe(self.run(job)).catch_unwind().await {
-            Ok(done) => done,
-            Err(panic) => (Err(panicked(panic.as_ref())), None),
+        let (outcome, held) = if matches!(job, Job::Follow) {
+            match AssertUnwindSafe(self.follow()).catch_unwind().await {
+                Ok(Ok(Some(token))) => (self.settle(Ok(token)), None),
+                outcome => {
+                    if let Ok(Err(e)) = &outcome {
+                        tracing::debug!(key = %self.key, error = %e, "following a save failed; serving what is published");
+                    }
+                    // Nothing newer (or the read failed): no attempt was made, so the
+                    // failure state stays as it is, and waiters get the published token,
+                    // or a refresh if it has expired meanwhile.
+                    match self.valid_cached() {
+                        Some(token) => (Ok(token), None),
+                        None => self.run_settled(Job::Refresh(Reason::AccessToken)).await,
+                    }
+                }
+            }
+        } else {
+            self.run_settled(job).await
         };
-        let outcome = self.settle(outcome);
         let persist = {
             let mut state = self.state();
             let persist = state.unsaved.is_some() && !state.persisting;
@@ -586,6 +617,9 @@ impl Engine {
         // finds the published token, the backoff, or the persisting save.
         self.clear_flight(serial);
         let _ = tx.send(outcome);
+        if std::mem::take(&mut self.state().follow_pending) {
+            self.heard(None);
+        }
         if persist {
             // Resets `persisting` however this task ends (a runtime shutting down drops it).
             let _persisting = Persisting(Arc::clone(self));
@@ -599,6 +633,55 @@ impl Engine {
         } else if let Some(held) = held {
             held.release().await;
         }
+    }
+
+    /// Runs `job` (a panic becomes an error) and settles its outcome.
+    async fn run_settled(self: &Arc<Self>, job: Job) -> (Outcome, Option<HeldLease>) {
+        let (outcome, held) = match AssertUnwindSafe(self.run(job)).catch_unwind().await {
+            Ok(done) => done,
+            Err(panic) => (Err(panicked(panic.as_ref())), None),
+        };
+        (self.settle(outcome), held)
+    }
+
+    /// The published token, if it has not expired.
+    fn valid_cached(&self) -> Option<AccessToken> {
+        let cached = self.cache.load();
+        cached
+            .as_ref()
+            .filter(|c| c.freshness(self.config.clock.now()) != Freshness::Expired)
+            .map(|c| c.token.clone())
+    }
+
+    /// The store's watch reported a save of this key at `version` (`None`: saves may
+    /// have been missed): follows it with a follow flight, or after the running flight,
+    /// when a valid token is published (otherwise the next caller reads the store
+    /// anyway). A version already heard of is not followed twice.
+    pub(crate) fn heard(self: &Arc<Self>, version: Option<u64>) {
+        let now = self.config.clock.now();
+        if self.valid_cached().is_none() {
+            // Nothing published to keep up to date: the next caller reads the store
+            // anyway (an import or a revoke of this very source lands here too).
+            if let Some(version) = version {
+                self.state().heard = Some((version, now));
+            }
+            return;
+        }
+        let mut slot = self.flight();
+        {
+            let mut state = self.state();
+            if let Some(version) = version {
+                if state.heard.is_some_and(|(heard, _)| heard == version) {
+                    return;
+                }
+                state.heard = Some((version, now));
+            }
+            if slot.current.is_some() {
+                state.follow_pending = true;
+                return;
+            }
+        }
+        let _following = self.spawn_job(&mut slot, Job::Follow);
     }
 
     fn clear_flight(&self, serial: u64) {

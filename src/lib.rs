@@ -72,6 +72,7 @@ pub mod consent;
 mod engine;
 mod error;
 mod events;
+mod follow;
 mod http;
 mod lease;
 #[cfg(feature = "manager")]

@@ -113,6 +113,8 @@ impl Engine {
     pub(crate) async fn run(self: &std::sync::Arc<Self>, job: Job) -> (Outcome, Option<HeldLease>) {
         match job {
             Job::Scoped(scope) => self.refresh_scoped(&scope).await,
+            // Handled by the flight itself (`Engine::fly`); as a job, a refresh.
+            Job::Follow => self.refresh(Reason::AccessToken).await,
             Job::Look { fallback } => match self.look(fallback).await {
                 Ok(Some(token)) => (Ok(token), None),
                 Ok(None) => self.refresh(Reason::AccessToken).await,
@@ -163,6 +165,32 @@ impl Engine {
             }
         }
         None
+    }
+
+    /// A follow flight (see [`crate::follow`]): reads the store without the lease and
+    /// publishes the stored set if it is fresh and holds another token than the published
+    /// one (`Some`). Nothing while a rotated set of this source is unsaved (it is newer
+    /// than the store's) or the grant is dead.
+    pub(crate) async fn follow(&self) -> Result<Option<AccessToken>, Error> {
+        {
+            let state = self.state();
+            if state.unsaved.is_some() || state.persisting || state.dead.is_some() {
+                return Ok(None);
+            }
+        }
+        let Some(stored) = self.unleased(self.config.store.load(&self.key)).await? else {
+            return Ok(None);
+        };
+        let before = self.cache.load_full();
+        self.remember(&stored.value);
+        let Some(token) = self.adoptable(&stored.value, Reason::AccessToken) else {
+            return Ok(None);
+        };
+        if before.as_ref().is_some_and(|cached| cached.token == token) {
+            return Ok(None);
+        }
+        self.state().metrics.adoptions_by_watch += 1;
+        Ok(Some(token))
     }
 
     /// Reads the store without the lease and adopts a fresh set.

@@ -224,6 +224,7 @@ impl Builder {
                     timing,
                     events: None,
                     registry: None,
+                    follower: std::sync::OnceLock::new(),
                 }),
                 self.key,
             )),
@@ -494,6 +495,7 @@ impl RefreshingTokenSource {
             last_refresh: state.last_refresh,
             last_error: state.last_error.as_deref().cloned(),
             rotation_unsaved: state.unsaved.is_some(),
+            store_version_heard: state.heard,
             health: inner.health(&state),
             metrics: state.metrics,
         }

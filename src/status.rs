@@ -27,6 +27,8 @@ pub struct Metrics {
     /// Flights that failed on the store side (store errors, a busy lease, another
     /// holder's rotation in flight).
     pub store_failures: u64,
+    /// Adoptions that followed a save the store's watch reported (part of `adoptions`).
+    pub adoptions_by_watch: u64,
     /// Refresh tokens presented after another holder left its write-ahead record on them
     /// for longer than [`Builder::abandoned_rotation_after`](crate::Builder::abandoned_rotation_after).
     pub takeovers: u64,
@@ -62,6 +64,9 @@ pub struct Status {
     /// True while a rotated token set exists only in this process's memory (its save
     /// failed and is being retried, with the store's lease held).
     pub rotation_unsaved: bool,
+    /// The newest save of this grant the store's watch reported (its version), and when
+    /// (`None`: none yet, or a store that cannot watch).
+    pub store_version_heard: Option<(u64, OffsetDateTime)>,
     /// Where the grant stands: healthy, cooling down after failures, exhausted, or
     /// needing consent.
     pub health: Health,

@@ -56,6 +56,7 @@ pub async fn run(store: &dyn TokenStore, leases: Leases) {
     key_checks_are_consistent(store).await;
     keys_lists_what_was_saved(store).await;
     due_lists_the_grants_to_keep_alive(store).await;
+    watch_reports_every_save(store).await;
 }
 
 /// Persistence: what `first` saved, `second` (a new instance over the same storage) loads.
@@ -133,6 +134,54 @@ async fn keys_lists_what_was_saved(store: &dyn TokenStore) {
             assert!(keys.is_sorted(), "keys are sorted");
         }
     }
+}
+
+/// A watch reports each save with the version it returned, in order, after the save can
+/// be read; a refused save is not reported. (A `Resync` may stand for saves it covers.) A
+/// store that cannot watch says so.
+async fn watch_reports_every_save(store: &dyn TokenStore) {
+    use futures_util::StreamExt;
+    let mut watch = match store.watch() {
+        Err(StoreError::Unsupported(_)) => return,
+        Err(e) => panic!("watch failed: {e}"),
+        Ok(watch) => watch,
+    };
+    let key = unique_key("watch");
+    let first = save_leased(store, &key, &sample("watch-1"), None).await;
+    let lease = store.lease(&key, ttl()).await.expect("lease");
+    let refused = store
+        .save(&key, &sample("watch-refused"), None, &lease)
+        .await;
+    assert!(matches!(refused, Err(StoreError::Conflict)), "{refused:?}");
+    lease.release().await.expect("release");
+    let second = save_leased(store, &key, &sample("watch-2"), Some(first)).await;
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while seen.last() != Some(&second) {
+        let change = tokio::time::timeout_at(deadline, watch.next())
+            .await
+            .expect("the saves are reported within 10 s")
+            .expect("the watch goes on");
+        match change {
+            super::Change::Saved {
+                key: saved,
+                version,
+            } if saved == key => {
+                let stored = store.load(&key).await.expect("load").expect("saved");
+                assert!(
+                    stored.version >= version,
+                    "version {version} reported before it could be read"
+                );
+                seen.push(version);
+            }
+            super::Change::Saved { .. } => {}
+            super::Change::Resync => seen.clear(),
+        }
+    }
+    assert!(
+        seen == [first, second] || seen == [second],
+        "each save once, in order, nothing for the refused one: {seen:?}"
+    );
 }
 
 /// Saves `set` under `key` (expecting `expected`) under a lease of its own; returns the

@@ -9,7 +9,10 @@ use time::OffsetDateTime;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::{Lease, LeaseRelease, StoreError, TokenStore, Versioned, deadline_after, next_version};
+use super::{
+    Lease, LeaseRelease, StoreError, TokenStore, Versioned, Watch, deadline_after, next_version,
+    watch_channel,
+};
 use crate::token::TokenSet;
 
 /// An in-process store: the default of
@@ -22,11 +25,27 @@ pub struct MemoryStore {
     shared: Arc<Shared>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Shared {
     state: Mutex<State>,
     released: Notify,
+    /// Every save, for [`TokenStore::watch`].
+    saved: tokio::sync::broadcast::Sender<(String, u64)>,
 }
+
+impl Default for Shared {
+    fn default() -> Self {
+        Self {
+            state: Mutex::default(),
+            released: Notify::new(),
+            saved: tokio::sync::broadcast::channel(WATCH_CAPACITY).0,
+        }
+    }
+}
+
+/// How many saves a watch may fall behind before it gets a
+/// [`Change::Resync`](super::Change::Resync).
+const WATCH_CAPACITY: usize = 1024;
 
 #[derive(Debug, Default)]
 struct State {
@@ -72,11 +91,20 @@ impl MemoryStore {
                 version,
             },
         );
+        drop(state);
+        self.shared.announce(key, version);
         version
     }
 }
 
 impl Shared {
+    /// Tells the watches (none listening is no error).
+    fn announce(&self, key: &str, version: u64) {
+        if self.saved.receiver_count() > 0 {
+            let _ = self.saved.send((key.to_owned(), version));
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // The state stays consistent at every unlock: a panic elsewhere cannot tear it.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -134,7 +162,14 @@ impl TokenStore for MemoryStore {
                 version,
             },
         );
+        // After the write is readable, as the watch contract asks.
+        drop(state);
+        self.shared.announce(key, version);
         Ok(version)
+    }
+
+    fn watch(&self) -> Result<Watch, StoreError> {
+        Ok(watch_channel(self.shared.saved.subscribe()))
     }
 
     async fn lease(&self, key: &str, ttl: Duration) -> Result<Lease, StoreError> {

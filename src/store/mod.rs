@@ -70,6 +70,42 @@ pub mod redis;
 pub use file::FileStore;
 pub use memory::MemoryStore;
 
+/// One notification of a [`TokenStore::watch`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Change {
+    /// `key` was saved at `version`, by this process or another sharing the store.
+    Saved {
+        /// The key.
+        key: String,
+        /// The version the save returned.
+        version: u64,
+    },
+    /// Notifications may have been lost (a subscription cut and restored, a receiver that
+    /// fell behind): whoever follows the store reads again what it serves.
+    Resync,
+}
+
+/// The stream [`TokenStore::watch`] returns.
+pub type Watch = std::pin::Pin<Box<dyn futures_util::Stream<Item = Change> + Send>>;
+
+/// A watch over an in-process channel of saves: a receiver that falls behind gets a
+/// [`Change::Resync`] instead of the saves it missed.
+pub(crate) fn watch_channel(receiver: tokio::sync::broadcast::Receiver<(String, u64)>) -> Watch {
+    use tokio::sync::broadcast::error::RecvError;
+    Box::pin(futures_util::stream::unfold(
+        receiver,
+        |mut receiver| async move {
+            let change = match receiver.recv().await {
+                Ok((key, version)) => Change::Saved { key, version },
+                Err(RecvError::Lagged(_)) => Change::Resync,
+                Err(RecvError::Closed) => return None,
+            };
+            Some((change, receiver))
+        },
+    ))
+}
+
 /// A value and the store version it was read at.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Versioned<T> {
@@ -135,6 +171,19 @@ pub trait TokenStore: fmt::Debug + Send + Sync + 'static {
         Err(StoreError::Unsupported("due"))
     }
 
+    /// Reports saves made by any process sharing the store, from the call on, within
+    /// milliseconds: what lets a replica follow another's rotation at once instead of
+    /// when its own token turns stale. Every successful save is reported as
+    /// [`Change::Saved`] with the version it returned, or covered by a later
+    /// [`Change::Resync`] (notifications may have been lost: a subscription cut and
+    /// restored, a receiver that fell behind); a version is never reported before its
+    /// save can be read. The stream ends only with the store. A store that cannot watch
+    /// answers [`StoreError::Unsupported`] (the default); sources then read the store
+    /// when their token turns stale, as ever.
+    fn watch(&self) -> Result<Watch, StoreError> {
+        Err(StoreError::Unsupported("watch"))
+    }
+
     /// Checks that `key` can be stored here at all (length, characters), without
     /// touching the store. [`crate::Builder::build`] calls it, so that a key the store
     /// cannot hold is a configuration error at once. Default: any non-empty key.
@@ -174,6 +223,9 @@ impl<S: TokenStore + ?Sized> TokenStore for Arc<S> {
     }
     async fn due(&self, before: OffsetDateTime, limit: usize) -> Result<Vec<String>, StoreError> {
         (**self).due(before, limit).await
+    }
+    fn watch(&self) -> Result<Watch, StoreError> {
+        (**self).watch()
     }
     fn check_key(&self, key: &str) -> Result<(), StoreError> {
         (**self).check_key(key)
@@ -484,6 +536,9 @@ impl TokenStore for RefuseSealed {
     }
     async fn due(&self, before: OffsetDateTime, limit: usize) -> Result<Vec<String>, StoreError> {
         self.0.due(before, limit).await
+    }
+    fn watch(&self) -> Result<Watch, StoreError> {
+        self.0.watch()
     }
     fn check_key(&self, key: &str) -> Result<(), StoreError> {
         self.0.check_key(key)

@@ -322,6 +322,10 @@ impl<S: TokenStore> TokenStore for FaultyStore<S> {
         self.inner.due(before, limit).await
     }
 
+    fn watch(&self) -> Result<crate::store::Watch, StoreError> {
+        self.inner.watch()
+    }
+
     fn check_key(&self, key: &str) -> Result<(), StoreError> {
         self.inner.check_key(key)
     }
