@@ -74,8 +74,8 @@ pub(crate) enum Job {
     /// full-scope token stored.
     Scoped(Vec<String>),
     /// The store's watch reported a save: read the store (no lease) and publish the set
-    /// if it is newer and fresh; otherwise go on serving what is published (or refresh,
-    /// if that expired meanwhile).
+    /// if it is fresh and holds another token; nothing else (never a refresh). Callers
+    /// wait for it to end and then look again, never taking its outcome as theirs.
     Follow,
     /// Only read the store (no lease, no request): adopt a fresh set another process
     /// saved, or pick up a re-imported grant; otherwise answer `fallback`.
@@ -104,7 +104,10 @@ struct ScopedEntry {
 /// The one flight in progress, numbered so that only its own task clears it.
 #[derive(Default)]
 struct FlightSlot {
-    current: Option<(u64, Flight)>,
+    /// The flight's number, the flight, and whether it only follows a save (see
+    /// [`Job::Follow`]): callers wait for such a flight to end, but never take its
+    /// outcome as theirs.
+    current: Option<(u64, Flight, bool)>,
     serial: u64,
 }
 
@@ -493,24 +496,36 @@ impl Engine {
 
     /// Expired or missing token: join the flight, or start one.
     async fn wait_for_token(self: &Arc<Self>) -> Outcome {
-        let flight = {
-            let mut slot = self.flight();
-            // Re-check under the gate: a flight may have just published.
-            if let Some(cached) = &*self.cache.load()
-                && cached.freshness(self.config.clock.now()) != Freshness::Expired
-            {
-                return Ok(cached.token.clone());
+        loop {
+            let flight = {
+                let mut slot = self.flight();
+                // Re-check under the gate: a flight may have just published.
+                if let Some(cached) = &*self.cache.load()
+                    && cached.freshness(self.config.clock.now()) != Freshness::Expired
+                {
+                    return Ok(cached.token.clone());
+                }
+                match &slot.current {
+                    Some((_, following, true)) => Err(following.clone()),
+                    Some((_, running, false)) => Ok(running.clone()),
+                    None => match self.gate(Reason::AccessToken) {
+                        Gate::Go => {
+                            Ok(self.spawn_job(&mut slot, Job::Refresh(Reason::AccessToken)))
+                        }
+                        Gate::Look(fallback) => {
+                            Ok(self.spawn_job(&mut slot, Job::Look { fallback }))
+                        }
+                        Gate::Refuse(e) => return self.or_valid_token(e),
+                    },
+                }
+            };
+            match flight {
+                Ok(flight) => return flight.await.or_else(|e| self.or_valid_token(e)),
+                // A follow flight: wait for it (it may publish what is needed), then look
+                // again.
+                Err(following) => drop(following.await),
             }
-            match &slot.current {
-                Some((_, running)) => running.clone(),
-                None => match self.gate(Reason::AccessToken) {
-                    Gate::Go => self.spawn_job(&mut slot, Job::Refresh(Reason::AccessToken)),
-                    Gate::Look(fallback) => self.spawn_job(&mut slot, Job::Look { fallback }),
-                    Gate::Refuse(e) => return self.or_valid_token(e),
-                },
-            }
-        };
-        flight.await.or_else(|e| self.or_valid_token(e))
+        }
     }
 
     /// A token that is still valid serves callers while attempts fail for a while.
@@ -529,26 +544,35 @@ impl Engine {
     /// Joins the flight or starts one, whatever the cache holds (background refresher,
     /// keep-alive). Respects the gate.
     pub(crate) async fn refresh_now(self: &Arc<Self>, reason: Reason) -> Outcome {
-        let flight = {
-            let mut slot = self.flight();
-            match &slot.current {
-                Some((_, running)) => running.clone(),
-                None => match self.gate(reason) {
-                    Gate::Go => self.spawn_job(&mut slot, Job::Refresh(reason)),
-                    Gate::Look(fallback) => self.spawn_job(&mut slot, Job::Look { fallback }),
-                    Gate::Refuse(e) => return Err(e),
-                },
+        loop {
+            let flight = {
+                let mut slot = self.flight();
+                match &slot.current {
+                    Some((_, following, true)) => Err(following.clone()),
+                    Some((_, running, false)) => Ok(running.clone()),
+                    None => match self.gate(reason) {
+                        Gate::Go => Ok(self.spawn_job(&mut slot, Job::Refresh(reason))),
+                        Gate::Look(fallback) => {
+                            Ok(self.spawn_job(&mut slot, Job::Look { fallback }))
+                        }
+                        Gate::Refuse(e) => return Err(e),
+                    },
+                }
+            };
+            match flight {
+                Ok(flight) => return flight.await,
+                Err(following) => drop(following.await),
             }
-        };
-        flight.await
+        }
     }
 
     /// Spawns a flight. The caller holds the flight slot.
     fn spawn_job(self: &Arc<Self>, slot: &mut FlightSlot, job: Job) -> Flight {
         slot.serial = slot.serial.wrapping_add(1);
         let serial = slot.serial;
+        let follow = matches!(job, Job::Follow);
         let flight = self.spawn_flight(serial, job);
-        slot.current = Some((serial, flight.clone()));
+        slot.current = Some((serial, flight.clone(), follow));
         flight
     }
 
@@ -589,20 +613,20 @@ impl Engine {
         tx: tokio::sync::oneshot::Sender<Outcome>,
     ) {
         let (outcome, held) = if matches!(job, Job::Follow) {
+            // Nobody takes a follow flight's outcome as theirs (callers wait for it to
+            // end, then look again): it never refreshes, and when it adopts nothing (or
+            // its read fails) no attempt was made, so the failure state stays as it is.
             match AssertUnwindSafe(self.follow()).catch_unwind().await {
                 Ok(Ok(Some(token))) => (self.settle(Ok(token)), None),
-                outcome => {
-                    if let Ok(Err(e)) = &outcome {
-                        tracing::debug!(key = %self.key, error = %e, "following a save failed; serving what is published");
-                    }
-                    // Nothing newer (or the read failed): no attempt was made, so the
-                    // failure state stays as it is, and waiters get the published token,
-                    // or a refresh if it has expired meanwhile.
-                    match self.valid_cached() {
-                        Some(token) => (Ok(token), None),
-                        None => self.run_settled(Job::Refresh(Reason::AccessToken)).await,
-                    }
+                Ok(Ok(None)) => (
+                    Err(Error::transient(TransientKind::Interrupted, None)),
+                    None,
+                ),
+                Ok(Err(e)) => {
+                    tracing::debug!(key = %self.key, error = %e, "following a save failed; serving what is published");
+                    (Err(e), None)
                 }
+                Err(panic) => (Err(panicked(panic.as_ref())), None),
             }
         } else {
             self.run_settled(job).await
@@ -686,7 +710,7 @@ impl Engine {
 
     fn clear_flight(&self, serial: u64) {
         let mut slot = self.flight();
-        if slot.current.as_ref().is_some_and(|(s, _)| *s == serial) {
+        if slot.current.as_ref().is_some_and(|(s, _, _)| *s == serial) {
             slot.current = None;
         }
         drop(slot);

@@ -113,8 +113,13 @@ impl Engine {
     pub(crate) async fn run(self: &std::sync::Arc<Self>, job: Job) -> (Outcome, Option<HeldLease>) {
         match job {
             Job::Scoped(scope) => self.refresh_scoped(&scope).await,
-            // Handled by the flight itself (`Engine::fly`); as a job, a refresh.
-            Job::Follow => self.refresh(Reason::AccessToken).await,
+            // Run by the flight itself (`Engine::fly`), never through here.
+            Job::Follow => (
+                self.follow().await.and_then(|token| {
+                    token.ok_or_else(|| Error::transient(TransientKind::Interrupted, None))
+                }),
+                None,
+            ),
             Job::Look { fallback } => match self.look(fallback).await {
                 Ok(Some(token)) => (Ok(token), None),
                 Ok(None) => self.refresh(Reason::AccessToken).await,

@@ -149,6 +149,7 @@ if ARGV[5] == '' then
 else
   redis.call('ZADD', KEYS[3], ARGV[5], ARGV[6])
 end
+redis.call('PUBLISH', KEYS[4], ARGV[3] .. ' ' .. ARGV[6])
 return 1
 ";
 
@@ -183,6 +184,8 @@ return redis.call('ZADD', KEYS[2], 'NX', ARGV[2], ARGV[3])
 #[derive(Clone)]
 pub struct RedisStore {
     connection: ConnectionManager,
+    /// For the watch's subscriptions (a connection of their own each).
+    client: redis::Client,
     prefix: Arc<str>,
     /// The URL without its password, for Debug.
     redacted_url: Arc<str>,
@@ -322,12 +325,13 @@ impl RedisStore {
             .set_number_of_retries(2)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_millis(500));
-        let connection = ConnectionManager::new_with_config(client, config)
+        let connection = ConnectionManager::new_with_config(client.clone(), config)
             .await
             .map_err(|e| super::tls_refusal(StoreError::unavailable(e)))?;
         refuse_cluster(&mut connection.clone()).await?;
         Ok(Self {
             connection,
+            client,
             prefix: Arc::from("tokenkeeper:"),
             redacted_url: Arc::from(redacted_url),
             scripts: Arc::new(Scripts {
@@ -416,6 +420,12 @@ impl RedisStore {
 
     fn due_key(&self) -> String {
         format!("{}due", self.prefix)
+    }
+
+    /// The channel the save script publishes `"<version> <key>"` on, for
+    /// [`TokenStore::watch`].
+    fn saved_channel(&self) -> String {
+        format!("{}saved", self.prefix)
     }
 
     /// The prefix of every token hash (`p` `token:`), and the `SCAN` pattern that matches
@@ -618,6 +628,26 @@ fn check_key(key: &str) -> Result<(), StoreError> {
 
 #[async_trait]
 impl TokenStore for RedisStore {
+    /// Subscribes to the channel the save script publishes on (`p` `saved`), on a
+    /// connection of its own, from a task (call it inside a tokio runtime). It starts
+    /// with a [`Change::Resync`](super::Change::Resync) once subscribed (saves between the
+    /// call and the subscription are covered by it), and after every lost subscription
+    /// it subscribes again (100 ms doubling to 5 s) and sends another. It ends when the
+    /// watch is dropped.
+    fn watch(&self) -> Result<super::Watch, StoreError> {
+        let (sender, receiver) = tokio::sync::mpsc::channel(1024);
+        tokio::spawn(subscribe(
+            self.client.clone(),
+            self.saved_channel(),
+            Arc::clone(&self.redacted_url),
+            sender,
+        ));
+        Ok(Box::pin(futures_util::stream::unfold(
+            receiver,
+            |mut receiver| async move { receiver.recv().await.map(|change| (change, receiver)) },
+        )))
+    }
+
     async fn keys(&self) -> Result<Vec<String>, StoreError> {
         let mut connection = self.connection.clone();
         let (mut cursor, mut keys) = (0u64, Vec::new());
@@ -713,6 +743,7 @@ impl TokenStore for RedisStore {
             .key(&token_key)
             .key(&lease_key)
             .key(self.due_key())
+            .key(self.saved_channel())
             .arg(&held.value)
             .arg(expected)
             .arg(version.to_string())
@@ -996,6 +1027,70 @@ mod loopback_tests {
                 !super::host_is_loopback(&url::Url::parse(url).unwrap()),
                 "{url}"
             );
+        }
+    }
+}
+
+/// The watch's task: subscribes to `channel`, forwards each `"<version> <key>"` as a
+/// save, and resubscribes after a loss, with a resync each time; ends when the watch is
+/// dropped.
+async fn subscribe(
+    client: redis::Client,
+    channel: String,
+    url: Arc<str>,
+    sender: tokio::sync::mpsc::Sender<super::Change>,
+) {
+    use futures_util::StreamExt;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let subscribed = async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(&channel).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        };
+        let mut pubsub = tokio::select! {
+            () = sender.closed() => return,
+            subscribed = subscribed => match subscribed {
+                Ok(pubsub) => pubsub,
+                Err(e) => {
+                    tracing::debug!(url = %url, error = %e, "cannot subscribe to saves; trying again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            },
+        };
+        pause = Duration::from_millis(100);
+        // Whatever was saved before this subscription, or while there was none.
+        if sender.send(super::Change::Resync).await.is_err() {
+            return;
+        }
+        let mut messages = pubsub.on_message();
+        loop {
+            let message = tokio::select! {
+                () = sender.closed() => return,
+                message = messages.next() => message,
+            };
+            let Some(message) = message else {
+                tracing::debug!(url = %url, "the subscription to saves was lost; subscribing again");
+                break;
+            };
+            let Ok(payload) = message.get_payload::<String>() else {
+                continue;
+            };
+            let Some((version, key)) = payload
+                .split_once(' ')
+                .and_then(|(v, k)| Some((v.parse::<u64>().ok()?, k.to_owned())))
+            else {
+                continue;
+            };
+            if sender
+                .send(super::Change::Saved { key, version })
+                .await
+                .is_err()
+            {
+                return;
+            }
         }
     }
 }
