@@ -3,6 +3,13 @@
 //! token (the simulator's Lucid mode), a replica serves the new token within
 //! milliseconds of another replica's save, without a request of its own.
 
+#[cfg(any(feature = "redis", feature = "postgres"))]
+#[path = "support/proxy.rs"]
+mod proxy;
+#[cfg(any(feature = "redis", feature = "postgres"))]
+#[path = "support/servers.rs"]
+mod servers;
+
 use std::time::Duration;
 
 use tokenkeeper::testing::{Mode, Simulator};
@@ -108,4 +115,81 @@ async fn a_managers_grants_follow_another_replicas_rotations() {
         "one refresh per grant, by A only"
     );
     assert_eq!(sim.counters().reuse_attempts, 0);
+}
+
+/// The connection carrying the watch is cut, and stays down while another replica
+/// rotates: once it is back, the watch resubscribes (with a resync) and the replica
+/// catches up; a token older than one it served is never served again.
+#[cfg(any(feature = "redis", feature = "postgres"))]
+async fn a_cut_watch_catches_up(
+    direct: impl tokenkeeper::TokenStore,
+    through_proxy: impl tokenkeeper::TokenStore,
+    proxy: &proxy::FaultProxy,
+) {
+    let sim = lucid().await;
+    // A may refresh after every rejection (the default spaces forced refreshes 30 s).
+    let a = RefreshingTokenSource::builder(sim.profile(), sim.credentials())
+        .store(direct)
+        .key("cut")
+        .initial_refresh_token(sim.issue_grant())
+        .forced_refresh_interval(Duration::ZERO)
+        .build()
+        .unwrap();
+    let b = RefreshingTokenSource::builder(sim.profile(), sim.credentials())
+        .store(through_proxy)
+        .key("cut")
+        .build()
+        .unwrap();
+    let first = a.access_token().await.unwrap();
+    assert_eq!(b.access_token().await.unwrap(), first);
+    // A rotation followed through the live watch.
+    a.invalidate(&first);
+    let second = a.access_token().await.unwrap();
+    until_served(&second, || async { b.access_token().await.unwrap() }).await;
+
+    // The watch's connection is cut and kept down while A rotates again.
+    proxy.set_enabled(false);
+    proxy.cut_all();
+    a.invalidate(&second);
+    let third = a.access_token().await.unwrap();
+    assert_ne!(third, second);
+    assert_eq!(b.access_token().await.unwrap(), second, "B cannot know yet");
+    proxy.set_enabled(true);
+    until_served(&third, || async { b.access_token().await.unwrap() }).await;
+    for _ in 0..100 {
+        assert_eq!(
+            b.access_token().await.unwrap(),
+            third,
+            "never an older token again"
+        );
+    }
+    assert_eq!(sim.counters().refreshes, 3, "B made no request of its own");
+    assert_eq!(sim.counters().reuse_attempts, 0);
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_redis_subscription_catches_up() {
+    use tokenkeeper::store::redis::RedisStore;
+    let server = servers::RedisServer::start();
+    let proxy = proxy::FaultProxy::in_front_of(server.port()).await;
+    let direct = RedisStore::connect(&server.url()).await.unwrap();
+    let through = RedisStore::connect(&proxy.url_via(&server.url()))
+        .await
+        .unwrap();
+    a_cut_watch_catches_up(direct, through, &proxy).await;
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_postgres_listener_catches_up() {
+    use tokenkeeper::store::postgres::PostgresStore;
+    let server = servers::PostgresServer::start();
+    let proxy = proxy::FaultProxy::in_front_of(server.port()).await;
+    let direct = PostgresStore::connect(&server.url()).await.unwrap();
+    direct.create_schema().await.unwrap();
+    let through = PostgresStore::connect(&proxy.url_via(&server.url()))
+        .await
+        .unwrap();
+    a_cut_watch_catches_up(direct, through, &proxy).await;
 }

@@ -100,6 +100,7 @@ use tokio::time::Instant;
 use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
 
+mod listen;
 mod tls;
 
 use super::{
@@ -132,6 +133,8 @@ pub const DEFAULT_TABLE: &str = "tokenkeeper_tokens";
 pub struct PostgresStore {
     pool: Pool,
     shared: Arc<Shared>,
+    /// How a watch opens its own connection (`None`: a pool given by the caller).
+    listener: Option<Arc<listen::Listener>>,
 }
 
 struct Shared {
@@ -221,19 +224,27 @@ impl Sql {
                 "UPDATE {t} SET lease_owner = NULL, lease_expires_at = NULL \
                  WHERE key = $1 AND lease_owner = $2 AND lease_fencing = $3"
             ),
+            // The notification is part of the statement: sent when, and only if, the
+            // save commits.
             save: format!(
-                "UPDATE {t} SET version = $4, body = $5, \
+                "WITH saved AS (UPDATE {t} SET version = $4, body = $5, \
                      due_at = COALESCE({due_at}, 'infinity') \
                  WHERE key = $1 AND lease_owner = $2 AND lease_fencing = $3 \
                    AND lease_expires_at > clock_timestamp() \
-                   AND version IS NOT DISTINCT FROM $6::bigint",
-                due_at = timestamptz_from_micros(7)
+                   AND version IS NOT DISTINCT FROM $6::bigint \
+                 RETURNING key, version) \
+                 SELECT pg_notify('{channel}', version || ' ' || key) FROM saved",
+                due_at = timestamptz_from_micros(7),
+                channel = listen::channel(t),
             ),
             save_without_due_at: format!(
-                "UPDATE {t} SET version = $4, body = $5 \
+                "WITH saved AS (UPDATE {t} SET version = $4, body = $5 \
                  WHERE key = $1 AND lease_owner = $2 AND lease_fencing = $3 \
                    AND lease_expires_at > clock_timestamp() \
-                   AND version IS NOT DISTINCT FROM $6::bigint"
+                   AND version IS NOT DISTINCT FROM $6::bigint \
+                 RETURNING key, version) \
+                 SELECT pg_notify('{channel}', version || ' ' || key) FROM saved",
+                channel = listen::channel(t),
             ),
             backfill_read: format!(
                 "SELECT key, version, body FROM {t} \
@@ -386,7 +397,13 @@ impl PostgresStore {
         let manager_config = ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         };
-        let manager = match tls::connector(&tls)? {
+        let connector = tls::connector(&tls)?;
+        let listener = Arc::new(listen::Listener {
+            pg: pg.clone(),
+            tls: connector.clone(),
+            target: target.clone(),
+        });
+        let manager = match connector {
             Some(connector) => Manager::from_config(pg, connector, manager_config),
             None => Manager::from_config(pg, NoTls, manager_config),
         };
@@ -398,7 +415,8 @@ impl PostgresStore {
             .recycle_timeout(Some(Duration::from_secs(5)))
             .build()
             .map_err(StoreError::unavailable)?;
-        let store = Self::with_pool(pool, target);
+        let mut store = Self::with_pool(pool, target);
+        store.listener = Some(listener);
         drop(store.client().await.map_err(super::tls_refusal)?);
         Ok(store)
     }
@@ -411,6 +429,7 @@ impl PostgresStore {
     fn with_pool(pool: Pool, target: String) -> Self {
         Self {
             pool,
+            listener: None,
             shared: Arc::new(Shared {
                 sql: Sql::new(DEFAULT_TABLE),
                 table: DEFAULT_TABLE.into(),
@@ -873,6 +892,29 @@ fn to_db(version: u64) -> Result<i64, StoreError> {
 
 #[async_trait]
 impl TokenStore for PostgresStore {
+    /// `LISTEN`s, on a connection of its own (from a task: call it inside a tokio
+    /// runtime), on the channel every save notifies in its own statement. It starts with a
+    /// [`Change::Resync`](super::Change::Resync) once listening, and after every lost
+    /// connection it connects again (100 ms doubling to 5 s) and sends another. A store
+    /// over a pool you built ([`PostgresStore::from_pool`]) cannot watch.
+    fn watch(&self) -> Result<super::Watch, StoreError> {
+        let Some(listener) = &self.listener else {
+            return Err(StoreError::Unsupported(
+                "watch (a store over a pool you built)",
+            ));
+        };
+        let (sender, receiver) = tokio::sync::mpsc::channel(1024);
+        tokio::spawn(listen::listen(
+            Arc::clone(listener),
+            listen::channel(&self.shared.table),
+            sender,
+        ));
+        Ok(Box::pin(futures_util::stream::unfold(
+            receiver,
+            |mut receiver| async move { receiver.recv().await.map(|change| (change, receiver)) },
+        )))
+    }
+
     async fn keys(&self) -> Result<Vec<String>, StoreError> {
         let rows = self
             .idempotent(|| {
