@@ -140,9 +140,10 @@ pub(crate) struct EngineConfig {
     /// The manager's registry its engines are listed in, if any: each leaves it when
     /// dropped.
     pub(crate) registry: Option<Weak<Registry>>,
-    /// The task following the store's watch (see [`crate::follow`]), started with the
-    /// first flight; `None` inside when the store cannot watch.
-    pub(crate) follower: std::sync::OnceLock<Option<crate::follow::Follower>>,
+    /// The task following the store's watch (see [`crate::follow`]), started by a flight
+    /// (again, if the runtime it ran on has gone); `Some(None)` when the store cannot
+    /// watch.
+    pub(crate) follower: Mutex<Option<Option<crate::follow::Follower>>>,
 }
 
 /// One grant: its store key, its published token, its state and its flight.
@@ -579,11 +580,17 @@ impl Engine {
     /// Spawns the task of flight number `serial` (unique per engine); its slot is the
     /// caller's to keep.
     fn spawn_flight(self: &Arc<Self>, serial: u64, job: Job) -> Flight {
-        // The first flight of a source or manager (inside the runtime) starts following
-        // the store.
-        self.config
-            .follower
-            .get_or_init(|| crate::follow::start(self));
+        // A flight (inside a runtime) starts following the store, or starts it again if
+        // the runtime the follower ran on has shut down.
+        {
+            let mut follower = lock(&self.config.follower);
+            if follower
+                .as_ref()
+                .is_none_or(|f| f.as_ref().is_some_and(crate::follow::Follower::is_finished))
+            {
+                *follower = Some(crate::follow::start(self));
+            }
+        }
         let (tx, rx) = tokio::sync::oneshot::channel();
         let inner = Arc::clone(self);
         let epoch = self.state().epoch;
@@ -700,7 +707,10 @@ impl Engine {
                 }
                 state.heard = Some((version, now));
             }
-            if slot.current.is_some() {
+            // After any running flight, downscoped ones included: it may have read the
+            // store before that save, or may clear what a follow would publish.
+            let scoped_running = lock(&self.scoped).iter().any(|e| e.flight.is_some());
+            if slot.current.is_some() || scoped_running {
                 state.follow_pending = true;
                 return;
             }
@@ -741,36 +751,48 @@ impl Engine {
                 "a downscoped token needs at least one scope".into(),
             ));
         }
-        let flight = {
-            let mut slot = self.flight();
-            let mut scoped = lock(&self.scoped);
-            let now = self.config.clock.now();
-            let position = scoped.iter().position(|e| e.scope == scope);
-            if let Some(entry) = position.map(|i| &scoped[i]) {
-                if let Some(cached) = &entry.cached
-                    && cached.freshness(now) == Freshness::Fresh
-                {
-                    return Ok(cached.token.clone());
-                }
-                if let Some((_, running)) = &entry.flight {
-                    running.clone()
+        let flight = loop {
+            let next = {
+                let mut slot = self.flight();
+                if let Some((_, following, true)) = &slot.current {
+                    // A follow flight running: a downscoped refresh beside it could clear
+                    // the full-scope token that the follow then publishes again. After it.
+                    Err(following.clone())
                 } else {
-                    drop(scoped);
-                    self.start_scoped(&mut slot, scope)?
+                    let mut scoped = lock(&self.scoped);
+                    let now = self.config.clock.now();
+                    let position = scoped.iter().position(|e| e.scope == scope);
+                    if let Some(entry) = position.map(|i| &scoped[i]) {
+                        if let Some(cached) = &entry.cached
+                            && cached.freshness(now) == Freshness::Fresh
+                        {
+                            return Ok(cached.token.clone());
+                        }
+                        if let Some((_, running)) = &entry.flight {
+                            Ok(running.clone())
+                        } else {
+                            drop(scoped);
+                            Ok(self.start_scoped(&mut slot, scope.clone())?)
+                        }
+                    } else {
+                        if scoped.len() >= SCOPED_KEPT
+                            && let Some(idle) = scoped.iter().position(|e| e.flight.is_none())
+                        {
+                            scoped.remove(idle);
+                        }
+                        scoped.push(ScopedEntry {
+                            scope: scope.clone(),
+                            cached: None,
+                            flight: None,
+                        });
+                        drop(scoped);
+                        Ok(self.start_scoped(&mut slot, scope.clone())?)
+                    }
                 }
-            } else {
-                if scoped.len() >= SCOPED_KEPT
-                    && let Some(idle) = scoped.iter().position(|e| e.flight.is_none())
-                {
-                    scoped.remove(idle);
-                }
-                scoped.push(ScopedEntry {
-                    scope: scope.clone(),
-                    cached: None,
-                    flight: None,
-                });
-                drop(scoped);
-                self.start_scoped(&mut slot, scope)?
+            };
+            match next {
+                Ok(flight) => break flight,
+                Err(following) => drop(following.await),
             }
         };
         flight.await

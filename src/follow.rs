@@ -23,6 +23,13 @@ use crate::store::{Change, StoreError, Watch};
 #[derive(Debug)]
 pub(crate) struct Follower(tokio::task::JoinHandle<()>);
 
+impl Follower {
+    /// True once the task has ended (its runtime shut down, or the watch ended).
+    pub(crate) fn is_finished(&self) -> bool {
+        self.0.is_finished()
+    }
+}
+
 impl Drop for Follower {
     fn drop(&mut self) {
         self.0.abort();

@@ -231,7 +231,7 @@ impl ManagerBuilder {
                     timing,
                     events: Some(Arc::clone(&events)),
                     registry: Some(Arc::downgrade(&registry)),
-                    follower: std::sync::OnceLock::new(),
+                    follower: std::sync::Mutex::new(None),
                 }),
                 engines,
                 registry,

@@ -186,6 +186,20 @@ impl Engine {
         let Some(stored) = self.unleased(self.config.store.load(&self.key)).await? else {
             return Ok(None);
         };
+        {
+            let state = self.state();
+            // A refresh token this source saw consumed: the store went back in time (or
+            // another replica restored an older set); what it holds is older than what
+            // was published.
+            if stored
+                .value
+                .refresh_token
+                .as_ref()
+                .is_some_and(|t| state.consumed.contains(t))
+            {
+                return Ok(None);
+            }
+        }
         let before = self.cache.load_full();
         self.remember(&stored.value);
         let Some(token) = self.adoptable(&stored.value, Reason::AccessToken) else {
@@ -955,6 +969,10 @@ impl Engine {
     /// record is kept, so that a restored set still tells others to wait for that holder.
     fn remember(&self, set: &TokenSet) {
         let mut state = self.state();
+        // A flight started before a revoke or an import read the replaced grant.
+        if crate::engine::flight_is_stale(&state) {
+            return;
+        }
         if set
             .refresh_token
             .as_ref()

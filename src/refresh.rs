@@ -224,7 +224,7 @@ impl Builder {
                     timing,
                     events: None,
                     registry: None,
-                    follower: std::sync::OnceLock::new(),
+                    follower: std::sync::Mutex::new(None),
                 }),
                 self.key,
             )),

@@ -1031,6 +1031,9 @@ mod loopback_tests {
     }
 }
 
+/// The longest a watch's subscription attempt may take.
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The watch's task: subscribes to `channel`, forwards each `"<version> <key>"` as a
 /// save, and resubscribes after a loss, with a resync each time; ends when the watch is
 /// dropped.
@@ -1044,9 +1047,14 @@ async fn subscribe(
     let mut pause = Duration::from_millis(100);
     loop {
         let subscribed = async {
-            let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe(&channel).await?;
-            Ok::<_, redis::RedisError>(pubsub)
+            // Bounded: a connection the network swallows must not stop the watch for good.
+            tokio::time::timeout(SUBSCRIBE_TIMEOUT, async {
+                let mut pubsub = client.get_async_pubsub().await?;
+                pubsub.subscribe(&channel).await?;
+                Ok::<_, redis::RedisError>(pubsub)
+            })
+            .await
+            .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "subscribing timed out")))?
         };
         let mut pubsub = tokio::select! {
             () = sender.closed() => return,

@@ -32,6 +32,9 @@ pub(super) fn channel(table: &str) -> String {
     format!("tokenkeeper_saved_{hash:08x}")
 }
 
+/// The longest a watch's connection attempt (with its `LISTEN`) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The watch's task: connects, `LISTEN`s on `channel`, forwards each `"<version> <key>"`
 /// as a save, and connects again after a loss (100 ms doubling to 5 s), with a resync
 /// each time it listens; ends when the watch is dropped.
@@ -40,11 +43,18 @@ pub(super) async fn listen(listener: Arc<Listener>, channel: String, sender: mps
     loop {
         let connected = tokio::select! {
             () = sender.closed() => return,
-            connected = connect(&listener, &channel) => connected,
+            // Bounded: a connection the network swallows must not stop the watch for good.
+            connected = tokio::time::timeout(CONNECT_TIMEOUT, connect(&listener, &channel)) => connected,
         };
         let (client, mut notifications) = match connected {
-            Ok(connected) => connected,
-            Err(e) => {
+            Ok(Ok(connected)) => connected,
+            Err(_) => {
+                tracing::debug!(target = %listener.target, "listening for saves timed out; trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+                continue;
+            }
+            Ok(Err(e)) => {
                 tracing::debug!(target = %listener.target, error = %e, "cannot listen for saves; trying again");
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(5));
