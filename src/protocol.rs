@@ -202,6 +202,15 @@ impl Engine {
         }
         let before = self.cache.load_full();
         self.remember(&stored.value);
+        // The published token itself: nothing to do (publishing it again would race an
+        // `invalidate` of it).
+        if before
+            .as_ref()
+            .zip(stored.value.access_token.as_ref())
+            .is_some_and(|(cached, stored)| &cached.token == stored)
+        {
+            return Ok(None);
+        }
         let Some(token) = self.adoptable(&stored.value, Reason::AccessToken) else {
             return Ok(None);
         };

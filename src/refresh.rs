@@ -467,10 +467,22 @@ impl RefreshingTokenSource {
     /// [`Builder::forced_refresh_interval`].
     pub fn invalidate(&self, rejected: &AccessToken) {
         let inner = &self.inner;
-        let current = inner.cache.load_full();
-        if current.as_ref().is_some_and(|c| &c.token == rejected) {
+        loop {
+            let current = inner.cache.load_full();
+            if !current.as_ref().is_some_and(|c| &c.token == rejected) {
+                return;
+            }
             inner.state().rejected_access = Some(rejected.clone());
-            inner.cache.compare_and_swap(&current, None);
+            let swapped = inner.cache.compare_and_swap(&current, None);
+            // Published again meanwhile (re-armed, or followed): as long as it is still
+            // the rejected token, try again.
+            if swapped
+                .as_ref()
+                .zip(current.as_ref())
+                .is_none_or(|(seen, expected)| Arc::ptr_eq(seen, expected))
+            {
+                return;
+            }
         }
     }
 }

@@ -89,6 +89,17 @@ pub enum Change {
 /// The stream [`TokenStore::watch`] returns.
 pub type Watch = std::pin::Pin<Box<dyn futures_util::Stream<Item = Change> + Send>>;
 
+/// The save a networked store's announcement `"<version> <key>"` reports (the form both
+/// the Redis save script and PostgreSQL's `pg_notify` write), if it is one.
+#[cfg(any(feature = "redis", feature = "postgres"))]
+pub(crate) fn saved_from_announcement(payload: &str) -> Option<Change> {
+    let (version, key) = payload.split_once(' ')?;
+    Some(Change::Saved {
+        key: key.to_owned(),
+        version: version.parse().ok()?,
+    })
+}
+
 /// A watch over an in-process channel of saves: a receiver that falls behind gets a
 /// [`Change::Resync`] instead of the saves it missed.
 pub(crate) fn watch_channel(receiver: tokio::sync::broadcast::Receiver<(String, u64)>) -> Watch {

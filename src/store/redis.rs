@@ -1086,17 +1086,10 @@ async fn subscribe(
             let Ok(payload) = message.get_payload::<String>() else {
                 continue;
             };
-            let Some((version, key)) = payload
-                .split_once(' ')
-                .and_then(|(v, k)| Some((v.parse::<u64>().ok()?, k.to_owned())))
-            else {
+            let Some(saved) = super::saved_from_announcement(&payload) else {
                 continue;
             };
-            if sender
-                .send(super::Change::Saved { key, version })
-                .await
-                .is_err()
-            {
+            if sender.send(saved).await.is_err() {
                 return;
             }
         }

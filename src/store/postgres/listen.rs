@@ -75,13 +75,10 @@ pub(super) async fn listen(listener: Arc<Listener>, channel: String, sender: mps
                 tracing::debug!(target = %listener.target, "the connection listening for saves was lost; connecting again");
                 break;
             };
-            let Some((version, key)) = payload
-                .split_once(' ')
-                .and_then(|(v, k)| Some((v.parse::<u64>().ok()?, k.to_owned())))
-            else {
+            let Some(saved) = crate::store::saved_from_announcement(&payload) else {
                 continue;
             };
-            if sender.send(Change::Saved { key, version }).await.is_err() {
+            if sender.send(saved).await.is_err() {
                 return;
             }
         }
