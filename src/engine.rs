@@ -140,10 +140,23 @@ pub(crate) struct EngineConfig {
     /// The manager's registry its engines are listed in, if any: each leaves it when
     /// dropped.
     pub(crate) registry: Option<Weak<Registry>>,
-    /// The task following the store's watch (see [`crate::follow`]), started by a flight
-    /// (again, if the runtime it ran on has gone); `Some(None)` when the store cannot
-    /// watch.
-    pub(crate) follower: Mutex<Option<Option<crate::follow::Follower>>>,
+    /// Starts the task following the store's watch for these engines (the builders give
+    /// [`crate::follow::start`]); `None` when it cannot watch.
+    pub(crate) start_follower: fn(&Arc<Engine>) -> Option<Follower>,
+    /// That task, started by a flight (again, if the runtime it ran on has gone);
+    /// `Some(None)` when the store cannot watch.
+    pub(crate) follower: Mutex<Option<Option<Follower>>>,
+}
+
+/// The task following the store (see [`crate::follow`]); stopped when dropped, with the
+/// engines of its source or manager.
+#[derive(Debug)]
+pub(crate) struct Follower(pub(crate) tokio::task::JoinHandle<()>);
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// One grant: its store key, its published token, its state and its flight.
@@ -586,9 +599,9 @@ impl Engine {
             let mut follower = lock(&self.config.follower);
             if follower
                 .as_ref()
-                .is_none_or(|f| f.as_ref().is_some_and(crate::follow::Follower::is_finished))
+                .is_none_or(|f| f.as_ref().is_some_and(|f| f.0.is_finished()))
             {
-                *follower = Some(crate::follow::start(self));
+                *follower = Some((self.config.start_follower)(self));
             }
         }
         let (tx, rx) = tokio::sync::oneshot::channel();

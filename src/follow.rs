@@ -15,26 +15,8 @@ use std::sync::{Arc, Weak};
 
 use futures_util::StreamExt;
 
-use crate::engine::{Engine, Registry};
+use crate::engine::{Engine, Follower, Registry};
 use crate::store::{Change, StoreError, Watch};
-
-/// The follower task of one source or manager; stopped when dropped (with the
-/// source's or manager's engines).
-#[derive(Debug)]
-pub(crate) struct Follower(tokio::task::JoinHandle<()>);
-
-impl Follower {
-    /// True once the task has ended (its runtime shut down, or the watch ended).
-    pub(crate) fn is_finished(&self) -> bool {
-        self.0.is_finished()
-    }
-}
-
-impl Drop for Follower {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
 
 /// Whom the follower tells.
 enum Target {

@@ -231,6 +231,7 @@ impl ManagerBuilder {
                     timing,
                     events: Some(Arc::clone(&events)),
                     registry: Some(Arc::downgrade(&registry)),
+                    start_follower: crate::follow::start,
                     follower: std::sync::Mutex::new(None),
                 }),
                 engines,

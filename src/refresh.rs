@@ -224,6 +224,7 @@ impl Builder {
                     timing,
                     events: None,
                     registry: None,
+                    start_follower: crate::follow::start,
                     follower: std::sync::Mutex::new(None),
                 }),
                 self.key,
