@@ -2,6 +2,8 @@
 //! from Debian's `postgresql` package, see scripts/install-test-deps.sh).
 #![cfg(feature = "postgres")]
 
+#[path = "support/logs.rs"]
+mod logs;
 #[path = "support/proxy.rs"]
 mod proxy;
 #[path = "support/scenarios.rs"]
@@ -12,6 +14,7 @@ mod servers;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use logs::Captured;
 use proxy::{FaultProxy, NextFault};
 use servers::PostgresServer;
 use tokenkeeper::store::StoreError;
@@ -292,33 +295,6 @@ fn due_in_1971(tag: &str) -> (tokenkeeper::TokenSet, time::OffsetDateTime) {
     set.refresh_expires_at = Some(set.obtained_at + time::Duration::seconds(1000));
     let at = set.keep_alive_at().expect("a keep-alive instant");
     (set, at)
-}
-
-/// Log lines at warn and above, for the tests that read what the store warns about.
-#[derive(Clone, Default)]
-struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
-    type Writer = Captured;
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
-    }
 }
 
 /// Saves through `store` under a lease of its own.

@@ -2,6 +2,8 @@
 //! Debian's `redis-server` package, see scripts/install-test-deps.sh).
 #![cfg(feature = "redis")]
 
+#[path = "support/logs.rs"]
+mod logs;
 #[path = "support/proxy.rs"]
 mod proxy;
 #[path = "support/scenarios.rs"]
@@ -11,6 +13,7 @@ mod servers;
 
 use std::sync::Arc;
 
+use logs::Captured;
 use proxy::FaultProxy;
 use servers::RedisServer;
 use tokenkeeper::TokenStore;
@@ -240,33 +243,6 @@ fn due_in_1971(tag: &str, offset_s: i64) -> (tokenkeeper::TokenSet, time::Offset
     (set, at, ms)
 }
 
-/// Log lines at warn and above, for the tests that read what the store warns about.
-#[derive(Clone, Default)]
-struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
-    type Writer = Captured;
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
-    }
-}
-
 /// Sets saved before the due index existed are never due, so a sweep would let idle
 /// grants die: `backfill_due` indexes them (over several `SCAN` pages), each at its
 /// keep-alive instant, and nothing else (not a set without a keep-alive instant, not an
@@ -362,7 +338,7 @@ async fn redis_backfill_due_indexes_sets_saved_before_the_index() {
 
     // Once backfilled, a new store's first due has nothing to warn about.
     let store = connect(&server).await.with_prefix(prefix);
-    captured.0.lock().unwrap().clear();
+    captured.clear();
     store.due(after_everything, 1).await.unwrap();
     assert!(!warned(captured.text()), "{:?}", captured.text());
 }
