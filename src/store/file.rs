@@ -15,6 +15,8 @@ use super::{
 };
 use crate::token::TokenSet;
 
+mod watch;
+
 /// The suffix of temporary files.
 const TEMP_SUFFIX: &str = ".tmp";
 
@@ -38,15 +40,36 @@ const TEMP_SUFFIX: &str = ".tmp";
 ///
 /// [`TokenStore::due`] reads every token file (a scan: for operators and schedulers,
 /// not for every request); a file it cannot read is skipped with a warning naming its key.
+///
+/// [`TokenStore::watch`] follows the directory with the operating system's file-system
+/// notifications (inotify on Linux, kqueue on macOS and the BSDs, ReadDirectoryChangesW
+/// on Windows), or, where those are unavailable (an exhausted inotify limit), by listing
+/// it every 250 ms. Notifications see the writes of this machine only: a directory on a
+/// network file system shared by several machines needs
+/// [`FileStore::watch_by_polling`].
 #[derive(Clone, Debug)]
 pub struct FileStore {
     dir: PathBuf,
+    /// Watch by listing the directory at this interval instead of by notifications.
+    poll_interval: Option<Duration>,
 }
 
 impl FileStore {
     /// A store in `dir`, created on first use.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into() }
+        Self {
+            dir: dir.into(),
+            poll_interval: None,
+        }
+    }
+
+    /// Watches the directory by listing it every `interval` (at least 10 ms) instead of
+    /// by file-system notifications: for a network file system that several machines
+    /// write (notifications report this machine's writes only). Each listing reads the
+    /// metadata of every token file, so its cost grows with the number of keys.
+    pub fn watch_by_polling(mut self, interval: Duration) -> Self {
+        self.poll_interval = Some(interval.max(Duration::from_millis(10)));
+        self
     }
 
     /// The directory.
@@ -329,6 +352,10 @@ impl TokenStore for FileStore {
     async fn keys(&self) -> Result<Vec<String>, StoreError> {
         let store = self.clone();
         blocking(move || store.list()).await
+    }
+
+    fn watch(&self) -> Result<super::Watch, StoreError> {
+        watch::watch(self)
     }
 
     async fn due(&self, before: OffsetDateTime, limit: usize) -> Result<Vec<String>, StoreError> {
