@@ -41,6 +41,13 @@ pub(crate) struct Cached {
     /// When the refresh token should be rotated even if nobody asks for a token.
     pub(crate) keep_alive_at: Option<OffsetDateTime>,
     pub(crate) refresh_expires_at: Option<OffsetDateTime>,
+    /// A refresh that kills this token at the provider is in flight (this source's, or
+    /// another holder's whose write-ahead record it read), and the profile says a refresh
+    /// kills the previous access token
+    /// ([`refresh_invalidates_access_token`](crate::ProviderProfile::refresh_invalidates_access_token)):
+    /// callers wait for the flight that follows it instead of taking a token about to
+    /// be rejected (see [`Engine::doom`]).
+    pub(crate) doomed: bool,
 }
 
 impl Cached {
@@ -109,6 +116,10 @@ struct FlightSlot {
     /// outcome as theirs.
     current: Option<(u64, Flight, bool)>,
     serial: u64,
+    /// Wakes the current flight while it waits on the store (for the lease, or for
+    /// another holder's rotation) when the watch reports a save (see
+    /// [`Engine::store_changed_or`]).
+    wake: Option<Arc<tokio::sync::Notify>>,
 }
 
 /// Timeouts and intervals, fixed at build.
@@ -448,6 +459,9 @@ impl Engine {
             if self.config.clock.monotonic() < cached.fresh_until {
                 return Ok(cached.token.clone());
             }
+            if cached.doomed {
+                return self.wait_for_token().await;
+            }
             match cached.freshness(self.config.clock.now()) {
                 Freshness::Fresh => {
                     self.rearm(cached);
@@ -494,9 +508,65 @@ impl Engine {
                 expires_at: cached.expires_at,
                 keep_alive_at: cached.keep_alive_at,
                 refresh_expires_at: cached.refresh_expires_at,
+                doomed: false,
             });
             self.cache.compare_and_swap(&current, Some(rearmed));
         }
+    }
+
+    /// Marks the published token doomed when the provider kills the previous access
+    /// token on refresh: a refresh of this grant is in flight (this flight's, about to
+    /// present the refresh token, or another holder's, whose write-ahead record this
+    /// flight read), so the token dies within a round trip. Until the flight that called
+    /// this ends (publishing the successor, or lifting the doom in [`Engine::fly`]),
+    /// callers wait for it instead of taking the token; the hot path's window is closed
+    /// at once (`fresh_until` now).
+    pub(crate) fn doom(&self) {
+        if !self
+            .config
+            .endpoint
+            .profile()
+            .refresh_invalidates_access_token
+        {
+            return;
+        }
+        self.swap_doom(true);
+    }
+
+    /// Publishes the published token again with `doomed` set as given, unless it already
+    /// is, or something else was published meanwhile.
+    fn swap_doom(&self, doomed: bool) {
+        let current = self.cache.load_full();
+        let Some(cached) = current.as_ref().filter(|c| c.doomed != doomed) else {
+            return;
+        };
+        let fresh_until = if doomed {
+            self.config.clock.monotonic()
+        } else {
+            self.monotonic_deadline(cached.stale_at)
+        };
+        let swapped = Arc::new(Cached {
+            token: cached.token.clone(),
+            fresh_until,
+            stale_at: cached.stale_at,
+            expires_at: cached.expires_at,
+            keep_alive_at: cached.keep_alive_at,
+            refresh_expires_at: cached.refresh_expires_at,
+            doomed,
+        });
+        self.cache.compare_and_swap(&current, Some(swapped));
+    }
+
+    /// Waits until the store's watch reports a save of this key or `timeout` passes,
+    /// whichever comes first: a flight waiting on the store (for the lease, for another
+    /// holder's rotation) reads it again at once when told, and otherwise polls.
+    pub(crate) async fn store_changed_or(&self, timeout: StdDuration) {
+        let wake = Arc::clone(
+            self.flight()
+                .wake
+                .get_or_insert_with(|| Arc::new(tokio::sync::Notify::new())),
+        );
+        let _ = tokio::time::timeout(timeout, wake.notified()).await;
     }
 
     fn start_refresh(self: &Arc<Self>) {
@@ -513,9 +583,12 @@ impl Engine {
         loop {
             let flight = {
                 let mut slot = self.flight();
-                // Re-check under the gate: a flight may have just published.
+                // Re-check under the gate: a flight may have just published. A doomed
+                // token waits for the flight that doomed it (which ends by publishing
+                // its successor, or by lifting the doom).
                 if let Some(cached) = &*self.cache.load()
                     && cached.freshness(self.config.clock.now()) != Freshness::Expired
+                    && (!cached.doomed || slot.current.is_none())
                 {
                     return Ok(cached.token.clone());
                 }
@@ -725,6 +798,10 @@ impl Engine {
             let scoped_running = lock(&self.scoped).iter().any(|e| e.flight.is_some());
             if slot.current.is_some() || scoped_running {
                 state.follow_pending = true;
+                // A flight waiting on the store reads it again now.
+                if let Some(wake) = &slot.wake {
+                    wake.notify_one();
+                }
                 return;
             }
         }
@@ -735,6 +812,11 @@ impl Engine {
         let mut slot = self.flight();
         if slot.current.as_ref().is_some_and(|(s, _, _)| *s == serial) {
             slot.current = None;
+            slot.wake = None;
+            // A doom this flight left (its refresh failed, the other holder's rotation
+            // never showed) is lifted: the token may well be alive, and it is the only
+            // one.
+            self.swap_doom(false);
         }
         drop(slot);
         for entry in lock(&self.scoped).iter_mut() {
@@ -936,6 +1018,7 @@ impl Engine {
             expires_at: set.expires_at,
             keep_alive_at: set.keep_alive_at(),
             refresh_expires_at: set.refresh_expires_at,
+            doomed: false,
         })
     }
 

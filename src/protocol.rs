@@ -133,12 +133,13 @@ impl Engine {
                     Err(e) => return (Err(e), None),
                 }
                 let (outcome, held) = self.refresh(reason).await;
+                let awaited = self.state().foreign_rotation.clone().map(|seen| seen.0);
                 if let Err(Error::Transient {
                     kind: TransientKind::RotationInFlight,
                     ..
                 }) = &outcome
                     && held.is_none()
-                    && let Some(token) = self.await_rotation(reason).await
+                    && let Some(token) = self.await_rotation(reason, awaited).await
                 {
                     return (Ok(token), None);
                 }
@@ -147,16 +148,21 @@ impl Engine {
         }
     }
 
-    /// Step 3's wait, with the lease released so that the other holder can save: reads
-    /// the store every 200 ms and adopts the set it saves. Gives up (the caller gets
-    /// `RotationInFlight` and comes back later) once the awaited record is gone without a
-    /// fresh set, or after at most 5 s or a lease ttl, whichever is shorter.
-    async fn await_rotation(&self, reason: Reason) -> Option<AccessToken> {
-        let awaited = self.state().foreign_rotation.clone().map(|seen| seen.0);
+    /// Waits for another holder's rotation (its write-ahead record `awaited`), with the
+    /// lease released so that the holder can save: reads the store whenever the watch
+    /// reports a save, and at least every 200 ms, and adopts the set it saves. Gives up
+    /// (the caller gets `RotationInFlight` and comes back later) once the awaited record
+    /// is gone without a fresh set, or after at most 5 s or a lease ttl, whichever is
+    /// shorter.
+    async fn await_rotation(
+        &self,
+        reason: Reason,
+        awaited: Option<RotationInFlight>,
+    ) -> Option<AccessToken> {
         let until =
             crate::store::deadline_after(self.config.timing.lease_ttl.min(AWAIT_ROTATION_AT_MOST));
         while tokio::time::Instant::now() < until {
-            tokio::time::sleep(WATCH_WHILE_WAITING).await;
+            self.store_changed_or(WATCH_WHILE_WAITING).await;
             let Ok(stored) = self.unleased(self.config.store.load(&self.key)).await else {
                 continue;
             };
@@ -202,6 +208,23 @@ impl Engine {
         }
         let before = self.cache.load_full();
         self.remember(&stored.value);
+        // Another holder is refreshing, and the refresh kills the published token: wait
+        // for its successor (callers wait for this flight meanwhile: the token is doomed).
+        if let Some(rotation) = stored.value.rotation.clone()
+            && self
+                .cache
+                .load()
+                .as_ref()
+                .is_some_and(|cached| cached.doomed)
+        {
+            let token = self
+                .await_rotation(Reason::AccessToken, Some(rotation))
+                .await;
+            if token.is_some() {
+                self.state().metrics.adoptions_by_watch += 1;
+            }
+            return Ok(token);
+        }
         // The published token itself: nothing to do (publishing it again would race an
         // `invalidate` of it).
         if before
@@ -305,7 +328,7 @@ impl Engine {
                     Ok(Err(e)) => return (Err(e), None),
                     Err(_) => return (Err(Error::transient(TransientKind::Interrupted, None)), None),
                 },
-                () = tokio::time::sleep(WATCH_WHILE_WAITING) => {
+                () = self.store_changed_or(WATCH_WHILE_WAITING) => {
                     if let Ok(Some(token)) = self.look_for_fresh(reason).await {
                         // Not aborted: a lease granted with its answer in flight would
                         // then be left to expire. `flush` waits for this task.
@@ -454,6 +477,11 @@ impl Engine {
             if !held.outlasts(timeout).await {
                 self.take_back_record(held, current, version).await;
                 return Err(Error::transient(TransientKind::LeaseBusy, None));
+            }
+            // From here the published token may die at any moment (where a refresh kills
+            // the previous access token): callers wait for this flight.
+            if scope.is_none() {
+                self.doom();
             }
             let forced = {
                 let mut state = self.state();
@@ -990,14 +1018,24 @@ impl Engine {
             return;
         }
         let mut known = set.clone();
-        if known
-            .rotation
-            .as_ref()
-            .is_some_and(|r| r.holder == self.holder())
-        {
-            known.rotation = None;
-        }
+        let foreign = match &known.rotation {
+            Some(r) if r.holder == self.holder() => {
+                known.rotation = None;
+                None
+            }
+            other => other.as_ref().map(|r| r.since),
+        };
         state.last_known = Some(known);
+        drop(state);
+        // Another holder is presenting the refresh token now (its record is younger than
+        // a request may take; an older one's request has ended, one way or another).
+        let now = self.config.clock.now();
+        let request_timeout = self.config.endpoint.profile().request_timeout;
+        if foreign.is_some_and(|since| {
+            Duration::try_from(request_timeout).is_ok_and(|timeout| now - since < timeout)
+        }) {
+            self.doom();
+        }
     }
 
     /// Records a provider failure in the backoff, and tells the caller when the next

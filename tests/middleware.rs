@@ -2,45 +2,20 @@
 //! request is retried exactly once.
 #![cfg(feature = "middleware")]
 
+#[path = "support/unwatched.rs"]
+mod unwatched;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use async_trait::async_trait;
 use tokenkeeper::middleware::{SendError, TokenMiddleware, send_with_token};
-use tokenkeeper::store::{Lease, StoreError};
 use tokenkeeper::testing::{Mode, Simulator};
-use tokenkeeper::{
-    AccessToken, Error, MemoryStore, RefreshingTokenSource, TokenSet, TokenSource, TokenStore,
-    Versioned,
-};
+use tokenkeeper::{AccessToken, Error, MemoryStore, RefreshingTokenSource, TokenSource};
 use wiremock::matchers::{header, method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
 const KEY: &str = "lucid:user-1";
-
-/// A store that cannot watch (a custom one): its sources learn of another replica's
-/// refresh only when the API rejects their token, the case the middleware is for.
-#[derive(Debug, Clone)]
-struct Unwatched(MemoryStore);
-
-#[async_trait]
-impl TokenStore for Unwatched {
-    async fn load(&self, key: &str) -> Result<Option<Versioned<TokenSet>>, StoreError> {
-        self.0.load(key).await
-    }
-    async fn save(
-        &self,
-        key: &str,
-        token: &TokenSet,
-        expected: Option<u64>,
-        lease: &Lease,
-    ) -> Result<u64, StoreError> {
-        self.0.save(key, token, expected, lease).await
-    }
-    async fn lease(&self, key: &str, ttl: std::time::Duration) -> Result<Lease, StoreError> {
-        self.0.lease(key, ttl).await
-    }
-}
 
 /// Two replicas (two sources sharing one store and key) of an application talking to Lucid.
 struct Replicas {
@@ -52,7 +27,8 @@ struct Replicas {
 impl Replicas {
     async fn new() -> Self {
         let sim = Simulator::builder(Mode::Lucid).start().await.unwrap();
-        let store = Unwatched(MemoryStore::new());
+        // A store that cannot watch: B learns of A's refresh only from the API.
+        let store = unwatched::Unwatched(Arc::new(MemoryStore::new()));
         let replica = || {
             RefreshingTokenSource::builder(sim.profile(), sim.credentials())
                 .store(store.clone())

@@ -15,11 +15,13 @@ use tokenkeeper::TokenStore;
 /// What starts a child's report line on its stdout.
 pub const RESULT_PREFIX: &str = "TK_RESULT ";
 
-/// The networked store a child connects to.
+/// The store a child connects to.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
 pub enum Backend {
     Redis,
     Postgres,
+    /// A `FileStore`; the "URL" is its directory.
+    File,
 }
 
 /// Connects to `backend` at `url`; PostgreSQL operations bounded by `operation_timeout`
@@ -31,6 +33,7 @@ pub async fn connect(
 ) -> Arc<dyn TokenStore> {
     let _ = operation_timeout;
     match backend {
+        Backend::File => Arc::new(tokenkeeper::FileStore::new(url)),
         // A TLS test appends `#ca=<path>`: the private CA the server's certificate is
         // signed by (the redis crate takes no root from the URL).
         #[cfg(feature = "redis")]
