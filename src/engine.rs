@@ -151,12 +151,36 @@ pub(crate) struct EngineConfig {
     /// The manager's registry its engines are listed in, if any: each leaves it when
     /// dropped.
     pub(crate) registry: Option<Weak<Registry>>,
-    /// Starts the task following the store's watch for these engines (the builders give
-    /// [`crate::follow::start`]); `None` when it cannot watch.
-    pub(crate) start_follower: fn(&Arc<Engine>) -> Option<Follower>,
+    /// Following the store's watch.
+    pub(crate) following: Following,
+}
+
+/// How the engines of a source or a manager follow the store's watch (see
+/// [`crate::follow`]).
+pub(crate) struct Following {
+    /// Starts the task following the watch for these engines (the builders give
+    /// [`crate::follow::start`]); `None` when the store cannot watch.
+    start: fn(&Arc<Engine>) -> Option<Follower>,
     /// That task, started by a flight (again, if the runtime it ran on has gone);
     /// `Some(None)` when the store cannot watch.
-    pub(crate) follower: Mutex<Option<Option<Follower>>>,
+    task: Mutex<Option<Option<Follower>>>,
+    /// Bounds the store reads of follow flights: a `Resync` (a subscription lost and
+    /// restored) makes every loaded engine with a published token follow at once, and a
+    /// manager's thousands of grants must not read the store all at the same moment.
+    pub(crate) reads: tokio::sync::Semaphore,
+}
+
+/// How many follow flights of one source or manager read the store at once.
+pub(crate) const FOLLOW_READS: usize = 16;
+
+impl Following {
+    pub(crate) fn new(start: fn(&Arc<Engine>) -> Option<Follower>) -> Self {
+        Self {
+            start,
+            task: Mutex::new(None),
+            reads: tokio::sync::Semaphore::new(FOLLOW_READS),
+        }
+    }
 }
 
 /// The task following the store (see [`crate::follow`]); stopped when dropped, with the
@@ -669,12 +693,13 @@ impl Engine {
         // A flight (inside a runtime) starts following the store, or starts it again if
         // the runtime the follower ran on has shut down.
         {
-            let mut follower = lock(&self.config.follower);
+            let following = &self.config.following;
+            let mut follower = lock(&following.task);
             if follower
                 .as_ref()
                 .is_none_or(|f| f.as_ref().is_some_and(|f| f.0.is_finished()))
             {
-                *follower = Some((self.config.start_follower)(self));
+                *follower = Some((following.start)(self));
             }
         }
         let (tx, rx) = tokio::sync::oneshot::channel();

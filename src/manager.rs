@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration as StdDuration;
 
 use crate::clock::{Clock, SystemClock};
-use crate::engine::{EXHAUSTED_RETRY, Engine, EngineConfig, Reason, Registry};
+use crate::engine::{EXHAUSTED_RETRY, Engine, EngineConfig, Following, Reason, Registry};
 use crate::error::{Error, TransientKind};
 use crate::events::{Event, EventCounts, EventSink};
 use crate::http::TokenEndpoint;
@@ -231,8 +231,7 @@ impl ManagerBuilder {
                     timing,
                     events: Some(Arc::clone(&events)),
                     registry: Some(Arc::downgrade(&registry)),
-                    start_follower: crate::follow::start,
-                    follower: std::sync::Mutex::new(None),
+                    following: Following::new(crate::follow::start),
                 }),
                 engines,
                 registry,

@@ -189,7 +189,12 @@ impl Engine {
                 return Ok(None);
             }
         }
-        let Some(stored) = self.unleased(self.config.store.load(&self.key)).await? else {
+        let stored = {
+            // Closed never: the semaphore lives as long as the engines.
+            let _permit = self.config.following.reads.acquire().await;
+            self.unleased(self.config.store.load(&self.key)).await?
+        };
+        let Some(stored) = stored else {
             return Ok(None);
         };
         {

@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use time::Duration;
 
 use crate::clock::{Clock, SystemClock};
-use crate::engine::{Engine, EngineConfig, Reason, Timing};
+use crate::engine::{Engine, EngineConfig, Following, Reason, Timing};
 use crate::error::Error;
 use crate::http::TokenEndpoint;
 use crate::provider::ProviderProfile;
@@ -224,8 +224,7 @@ impl Builder {
                     timing,
                     events: None,
                     registry: None,
-                    start_follower: crate::follow::start,
-                    follower: std::sync::Mutex::new(None),
+                    following: Following::new(crate::follow::start),
                 }),
                 self.key,
             )),

@@ -10,10 +10,16 @@ mod proxy;
 #[path = "support/servers.rs"]
 mod servers;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use async_trait::async_trait;
+use tokenkeeper::store::{Change, Lease, StoreError, Watch};
 use tokenkeeper::testing::{Mode, Simulator};
-use tokenkeeper::{AccessToken, MemoryStore, RefreshingTokenSource, TokenManager};
+use tokenkeeper::{
+    AccessToken, MemoryStore, RefreshingTokenSource, TokenManager, TokenSet, TokenStore, Versioned,
+};
 
 async fn lucid() -> Simulator {
     Simulator::builder(Mode::Lucid)
@@ -191,4 +197,101 @@ async fn a_cut_postgres_listener_catches_up() {
         .await
         .unwrap();
     a_cut_watch_catches_up(direct, through, &proxy).await;
+}
+
+/// A store whose watch the test drives, and whose loads take 5 ms each, counted along
+/// with the most that ran at once.
+#[derive(Debug, Clone)]
+struct Driven {
+    inner: MemoryStore,
+    changes: tokio::sync::broadcast::Sender<Change>,
+    loading: Arc<AtomicUsize>,
+    most_at_once: Arc<AtomicUsize>,
+    loads: Arc<AtomicUsize>,
+}
+
+#[async_trait]
+impl TokenStore for Driven {
+    async fn load(&self, key: &str) -> Result<Option<Versioned<TokenSet>>, StoreError> {
+        let now = self.loading.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most_at_once.fetch_max(now, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let loaded = self.inner.load(key).await;
+        self.loading.fetch_sub(1, Ordering::SeqCst);
+        self.loads.fetch_add(1, Ordering::SeqCst);
+        loaded
+    }
+    async fn save(
+        &self,
+        key: &str,
+        token: &TokenSet,
+        expected: Option<u64>,
+        lease: &Lease,
+    ) -> Result<u64, StoreError> {
+        self.inner.save(key, token, expected, lease).await
+    }
+    async fn lease(&self, key: &str, ttl: Duration) -> Result<Lease, StoreError> {
+        self.inner.lease(key, ttl).await
+    }
+    fn watch(&self) -> Result<Watch, StoreError> {
+        let receiver = self.changes.subscribe();
+        Ok(Box::pin(futures_util::stream::unfold(
+            receiver,
+            |mut receiver| async move { Some((receiver.recv().await.ok()?, receiver)) },
+        )))
+    }
+}
+
+/// A resync (a subscription lost and restored) makes each of a manager's 200 loaded
+/// grants read the store once, but never more than 16 at a time: a reconnect does not
+/// hit the store with every grant at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_reads_a_managers_grants_a_few_at_a_time() {
+    const GRANTS: usize = 200;
+    let sim = lucid().await;
+    let store = Driven {
+        inner: MemoryStore::new(),
+        changes: tokio::sync::broadcast::channel(16).0,
+        loading: Arc::default(),
+        most_at_once: Arc::default(),
+        loads: Arc::default(),
+    };
+    let manager = TokenManager::builder(sim.profile(), sim.credentials())
+        .store(store.clone())
+        .build()
+        .unwrap();
+    let mut handles = Vec::new();
+    for i in 0..GRANTS {
+        let source = manager.source(&format!("user-{i}")).unwrap();
+        source
+            .import_refresh_token(sim.issue_grant())
+            .await
+            .unwrap();
+        source.access_token().await.unwrap();
+        handles.push(source);
+    }
+    let refreshes = sim.counters().refreshes;
+    store.loads.store(0, Ordering::SeqCst);
+    store.most_at_once.store(0, Ordering::SeqCst);
+    store.changes.send(Change::Resync).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while store.loads.load(Ordering::SeqCst) < GRANTS {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "every loaded grant reads the store after a resync: {} of {GRANTS}",
+            store.loads.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let most = store.most_at_once.load(Ordering::SeqCst);
+    assert!(
+        (2..=16).contains(&most),
+        "follow reads run concurrently, at most 16 at a time: {most}"
+    );
+    assert_eq!(
+        sim.counters().refreshes,
+        refreshes,
+        "a follow never refreshes"
+    );
+    drop(handles);
 }

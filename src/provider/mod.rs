@@ -122,7 +122,15 @@ pub struct ProviderProfile {
     pub refresh_scope: Option<Vec<String>>,
     /// Whether refresh tokens are single use.
     pub rotation: Rotation,
-    /// Whether a refresh kills the previous access token (Lucid).
+    /// Whether a refresh kills the previous access token (Lucid; servers that delete the
+    /// old access token when they rotate, as django-oauth-toolkit does). Then a source
+    /// never serves a token whose refresh is in flight, its own or another replica's
+    /// (callers wait for the successor instead: the length of a refresh, once per
+    /// lifetime), and replicas sharing a store that can watch follow each other's
+    /// refreshes within milliseconds. Left `false` on a server that does kill them, the
+    /// token a replica serves while another refreshes is rejected by the API (a
+    /// `TokenMiddleware` then reloads it and retries). The generic profile assumes
+    /// `false`: set it with [`ProviderProfile::with_refresh_invalidates_access_token`].
     pub refresh_invalidates_access_token: bool,
     /// Whether a refresh asking for fewer scopes returns a refresh token narrowed to
     /// them (some servers do; Autodesk's keeps the full grant). Then
@@ -234,6 +242,13 @@ impl ProviderProfile {
     /// Sets the token URL (the legacy Lucid URL, a test server...).
     pub fn with_token_url(mut self, url: Url) -> Self {
         self.token_url = url;
+        self
+    }
+
+    /// Says whether the server kills the previous access token when it answers a refresh
+    /// (see [`ProviderProfile::refresh_invalidates_access_token`]).
+    pub fn with_refresh_invalidates_access_token(mut self, kills: bool) -> Self {
+        self.refresh_invalidates_access_token = kills;
         self
     }
 
