@@ -105,17 +105,18 @@ struct ScopedEntry {
     /// Sorted, without duplicates.
     scope: Vec<String>,
     cached: Option<Arc<Cached>>,
-    flight: Option<(u64, Flight)>,
+    flight: Option<(u32, Flight)>,
 }
 
 /// The one flight in progress, numbered so that only its own task clears it.
 #[derive(Default)]
 struct FlightSlot {
-    /// The flight's number, the flight, and whether it only follows a save (see
+    /// The flight's number (wrapping: no flight outlives four billion others), the
+    /// flight, and whether it only follows a save (see
     /// [`Job::Follow`]): callers wait for such a flight to end, but never take its
     /// outcome as theirs.
-    current: Option<(u64, Flight, bool)>,
-    serial: u64,
+    current: Option<(u32, Flight, bool)>,
+    serial: u32,
     /// Wakes the current flight while it waits on the store (for the lease, or for
     /// another holder's rotation) when the watch reports a save (see
     /// [`Engine::store_changed_or`]).
@@ -293,6 +294,9 @@ pub(crate) struct State {
     /// The newest set this source has seen stored or saved: evidence that the key existed,
     /// and what to restore if the store loses it.
     pub(crate) last_known: Option<TokenSet>,
+    /// The store version `last_known` was read or saved at (0: unknown; versions start
+    /// at 1).
+    pub(crate) known_version: u64,
     /// When the store was last read without the lease.
     pub(crate) last_look: Option<Instant>,
     /// Another holder's write-ahead record (the whole record: each presentation writes a
@@ -689,7 +693,7 @@ impl Engine {
 
     /// Spawns the task of flight number `serial` (unique per engine); its slot is the
     /// caller's to keep.
-    fn spawn_flight(self: &Arc<Self>, serial: u64, job: Job) -> Flight {
+    fn spawn_flight(self: &Arc<Self>, serial: u32, job: Job) -> Flight {
         // A flight (inside a runtime) starts following the store, or starts it again if
         // the runtime the follower ran on has shut down.
         {
@@ -727,7 +731,7 @@ impl Engine {
     async fn fly(
         self: &Arc<Self>,
         job: Job,
-        serial: u64,
+        serial: u32,
         tx: tokio::sync::oneshot::Sender<Outcome>,
     ) {
         let (outcome, held) = if matches!(job, Job::Follow) {
@@ -833,7 +837,7 @@ impl Engine {
         let _following = self.spawn_job(&mut slot, Job::Follow);
     }
 
-    fn clear_flight(&self, serial: u64) {
+    fn clear_flight(&self, serial: u32) {
         let mut slot = self.flight();
         if slot.current.as_ref().is_some_and(|(s, _, _)| *s == serial) {
             slot.current = None;
@@ -1119,7 +1123,7 @@ impl Drop for Persisting {
 /// Clears a flight's slot when its task ends, however it ends.
 struct ClearFlight {
     inner: Arc<Engine>,
-    serial: u64,
+    serial: u32,
 }
 
 impl Drop for ClearFlight {

@@ -167,7 +167,7 @@ impl Engine {
                 continue;
             };
             let stored = stored?;
-            self.remember(&stored.value);
+            self.remember(&stored.value, Some(stored.version));
             if let Some(token) = self.adoptable(&stored.value, reason) {
                 return Some(token);
             }
@@ -212,7 +212,7 @@ impl Engine {
             }
         }
         let before = self.cache.load_full();
-        self.remember(&stored.value);
+        self.remember(&stored.value, Some(stored.version));
         // Another holder is refreshing, and the refresh kills the published token: wait
         // for its successor (callers wait for this flight meanwhile: the token is doomed).
         if let Some(rotation) = stored.value.rotation.clone()
@@ -258,7 +258,7 @@ impl Engine {
         let stored = self.unleased(self.config.store.load(&self.key)).await?;
         self.state().last_look = Some(self.now());
         Ok(stored.and_then(|stored| {
-            self.remember(&stored.value);
+            self.remember(&stored.value, Some(stored.version));
             self.adoptable(&stored.value, reason)
         }))
     }
@@ -286,7 +286,7 @@ impl Engine {
             let mut state = self.state();
             state.dead = None;
             drop(state);
-            self.remember(&stored.value);
+            self.remember(&stored.value, Some(stored.version));
             return Ok(Some(token));
         }
         let mut state = self.state();
@@ -585,16 +585,16 @@ impl Engine {
                     let mut dead = current;
                     dead.rejected_at = Some(self.config.clock.now());
                     dead.rotation = None;
-                    if let Err(e) = held
+                    let saved = held
                         .op(self
                             .config
                             .store
                             .save(&self.key, &dead, version, held.lease()))
-                        .await
-                    {
+                        .await;
+                    if let Err(e) = &saved {
                         tracing::warn!(key = %self.key, error = %e, "could not mark the rejected token set in the store");
                     }
-                    self.remember(&dead);
+                    self.remember(&dead, saved.ok());
                     return Err(Error::ReauthorizationRequired {
                         reason: ReauthorizationReason::RefreshTokenRejected,
                         provider,
@@ -686,10 +686,11 @@ impl Engine {
         let mut revoked = TokenSet::empty(self.config.clock.now());
         revoked.revoked_at = current.revoked_at.or(Some(self.config.clock.now()));
         revoked.scopes = current.scopes.clone();
-        held.op(self
-            .config
-            .store
-            .save(&self.key, &revoked, version, held.lease()))
+        let saved = held
+            .op(self
+                .config
+                .store
+                .save(&self.key, &revoked, version, held.lease()))
             .await?;
         // Still under the lease, before anything else of this source can take it (an
         // import in another task): the cache and the state follow the store.
@@ -709,6 +710,7 @@ impl Engine {
         }
         state.unsaved = None;
         state.last_known = Some(revoked);
+        state.known_version = saved;
         state.dead = Some(Box::new(crate::engine::Dead {
             error: error.clone(),
             refresh_token: None,
@@ -748,9 +750,9 @@ impl Engine {
             let consumed = self.state().consumed.clone();
             match reconcile(&unsaved, stored.as_ref(), &consumed) {
                 Reconciled::AlreadySaved(version) => {
-                    self.saved(&unsaved.set);
+                    self.saved(&unsaved.set, Some(version));
                     if let Some(stored) = stored {
-                        self.remember(&stored.value);
+                        self.remember(&stored.value, Some(stored.version));
                         return Ok((stored.value, Some(version)));
                     }
                     return Ok((unsaved.set, Some(version)));
@@ -766,7 +768,7 @@ impl Engine {
                             .save(&self.key, &unsaved.set, expected, held.lease()))
                         .await?;
                     tracing::info!(key = %self.key, "saved the rotated token set that an earlier save had failed to write");
-                    self.saved(&unsaved.set);
+                    self.saved(&unsaved.set, Some(version));
                     return Ok((unsaved.set, Some(version)));
                 }
                 Reconciled::Superseded => {
@@ -776,7 +778,7 @@ impl Engine {
             }
         }
         if let Some(stored) = stored {
-            self.remember(&stored.value);
+            self.remember(&stored.value, Some(stored.version));
             return Ok((stored.value, Some(stored.version)));
         }
         // The key is missing.
@@ -800,7 +802,7 @@ impl Engine {
             .op(self.config.store.save(&self.key, &seed, None, held.lease()))
             .await?;
         tracing::info!(key = %self.key, "seeded the store before presenting its refresh token");
-        self.remember(&seed);
+        self.remember(&seed, Some(version));
         Ok((seed, Some(version)))
     }
 
@@ -893,7 +895,7 @@ impl Engine {
                 .save(&self.key, next, version, held.lease()))
             .await
         {
-            Ok(_) => self.saved(next),
+            Ok(version) => self.saved(next, Some(version)),
             Err(e) => {
                 tracing::error!(key = %self.key, error = %e, "the refreshed token set could not be saved; keeping the key locked and retrying");
                 self.state().metrics.failed_saves += 1;
@@ -969,18 +971,20 @@ impl Engine {
         };
         let stored = lease.op(self.config.store.load(&self.key)).await?;
         let consumed = self.state().consumed.clone();
-        match reconcile(unsaved, stored.as_ref(), &consumed) {
-            Reconciled::AlreadySaved(_) => {
+        let version = match reconcile(unsaved, stored.as_ref(), &consumed) {
+            Reconciled::AlreadySaved(version) => {
                 tracing::info!(key = %self.key, "the rotated token set was saved after all");
+                version
             }
             Reconciled::Save(expected) => {
-                lease
+                let version = lease
                     .op(self
                         .config
                         .store
                         .save(&self.key, &unsaved.set, expected, lease.lease()))
                     .await?;
                 tracing::info!(key = %self.key, "saved the rotated token set on retry");
+                version
             }
             Reconciled::Superseded => {
                 tracing::warn!(key = %self.key, "a rotated token set that failed to save was superseded in the store; dropping it");
@@ -990,26 +994,28 @@ impl Engine {
                 }
                 return Ok(());
             }
-        }
-        self.saved(&unsaved.set);
+        };
+        self.saved(&unsaved.set, Some(version));
         Ok(())
     }
 
-    /// A set is known saved: forget it as unsaved, remember it as the newest known.
-    fn saved(&self, set: &TokenSet) {
+    /// A set is known saved (at `version`): forget it as unsaved, remember it as the
+    /// newest known.
+    fn saved(&self, set: &TokenSet, version: Option<u64>) {
         let mut state = self.state();
         if state.unsaved.as_ref().is_some_and(|u| &u.set == set) {
             state.unsaved = None;
         }
         drop(state);
-        self.remember(set);
+        self.remember(set, version);
     }
 
-    /// Remembers `set` as the newest this source has seen for the key.
+    /// Remembers `set`, stored at `version` (`None`: unknown), as the newest this source
+    /// has seen for the key.
     /// A set holding a refresh token this source consumed is not remembered (the store
     /// went back in time: what this source knows is newer). Another holder's write-ahead
     /// record is kept, so that a restored set still tells others to wait for that holder.
-    fn remember(&self, set: &TokenSet) {
+    fn remember(&self, set: &TokenSet, version: Option<u64>) {
         let mut state = self.state();
         // A flight started before a revoke or an import read the replaced grant.
         if crate::engine::flight_is_stale(&state) {
@@ -1031,6 +1037,7 @@ impl Engine {
             other => other.as_ref().map(|r| r.since),
         };
         state.last_known = Some(known);
+        state.known_version = version.unwrap_or(0);
         drop(state);
         // Another holder is presenting the refresh token now (its record is younger than
         // a request may take; an older one's request has ended, one way or another).

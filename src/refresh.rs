@@ -354,7 +354,7 @@ impl RefreshingTokenSource {
                 .await
         }
         .await;
-        if result.is_ok() {
+        if let Ok(saved) = result {
             // Still under the lease: no flight of this source can have rotated anything
             // since the seed was saved, so whatever is unsaved predates it.
             let mut state = inner.state();
@@ -370,6 +370,7 @@ impl RefreshingTokenSource {
             state.dead = None;
             state.rejected_access = None;
             state.last_known = Some(seed);
+            state.known_version = saved;
         }
         held.release().await;
         result?;
@@ -508,6 +509,11 @@ impl RefreshingTokenSource {
             last_error: state.last_error.as_deref().cloned(),
             rotation_unsaved: state.unsaved.is_some(),
             store_version_heard: state.heard,
+            store_version_served: cached
+                .as_ref()
+                .zip(state.last_known.as_ref())
+                .filter(|(cached, known)| known.access_token.as_ref() == Some(&cached.token))
+                .and_then(|_| (state.known_version > 0).then_some(state.known_version)),
             health: inner.health(&state),
             metrics: state.metrics,
         }

@@ -35,6 +35,13 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Adoptions found by reading the store (when the token turned stale, expired or
+    /// was rejected, or while waiting for the lease): `adoptions` less
+    /// `adoptions_by_watch`.
+    pub fn adoptions_by_read(&self) -> u64 {
+        self.adoptions.saturating_sub(self.adoptions_by_watch)
+    }
+
     pub(crate) fn count_failure(&mut self, e: &Error) {
         if e.needs_reauthorization() {
             self.reauthorizations_required += 1;
@@ -67,6 +74,10 @@ pub struct Status {
     /// The newest save of this grant the store's watch reported (its version), and when
     /// (`None`: none yet, or a store that cannot watch).
     pub store_version_heard: Option<(u64, OffsetDateTime)>,
+    /// The store version of the token set whose access token is served (`None`: no
+    /// token published, or one whose stored version this source does not know). Behind
+    /// `store_version_heard` only for the moment a follow takes.
+    pub store_version_served: Option<u64>,
     /// Where the grant stands: healthy, cooling down after failures, exhausted, or
     /// needing consent.
     pub health: Health,

@@ -82,7 +82,15 @@ async fn a_source_follows_another_sources_rotation_without_a_request() {
         "{:?}",
         status.metrics
     );
-    assert!(status.store_version_heard.is_some());
+    assert_eq!(
+        status.metrics.adoptions_by_read(),
+        status.metrics.adoptions - status.metrics.adoptions_by_watch
+    );
+    // What B serves is the store's newest version, the one it heard of.
+    let stored = store.load("shared").await.unwrap().unwrap().version;
+    assert_eq!(status.store_version_served, Some(stored), "{status:?}");
+    assert_eq!(status.store_version_heard.map(|(v, _)| v), Some(stored));
+    assert_eq!(a.status().store_version_served, Some(stored));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
