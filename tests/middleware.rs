@@ -2,15 +2,12 @@
 //! request is retried exactly once.
 #![cfg(feature = "middleware")]
 
-#[path = "support/unwatched.rs"]
-mod unwatched;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use async_trait::async_trait;
 use tokenkeeper::middleware::{SendError, TokenMiddleware, send_with_token};
-use tokenkeeper::testing::{Mode, Simulator};
+use tokenkeeper::testing::{FaultyStore, Mode, Simulator};
 use tokenkeeper::{AccessToken, Error, MemoryStore, RefreshingTokenSource, TokenSource};
 use wiremock::matchers::{header, method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
@@ -28,7 +25,7 @@ impl Replicas {
     async fn new() -> Self {
         let sim = Simulator::builder(Mode::Lucid).start().await.unwrap();
         // A store that cannot watch: B learns of A's refresh only from the API.
-        let store = unwatched::Unwatched(Arc::new(MemoryStore::new()));
+        let store = FaultyStore::new(MemoryStore::new()).without_watch();
         let replica = || {
             RefreshingTokenSource::builder(sim.profile(), sim.credentials())
                 .store(store.clone())

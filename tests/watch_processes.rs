@@ -20,8 +20,6 @@ mod children;
 #[cfg(any(feature = "redis", feature = "postgres"))]
 #[path = "support/servers.rs"]
 mod servers;
-#[path = "support/unwatched.rs"]
-mod unwatched;
 
 use std::process::Child;
 use std::sync::Arc;
@@ -32,7 +30,7 @@ use children::Backend;
 use serde::{Deserialize, Serialize};
 use tokenkeeper::middleware::TokenMiddleware;
 use tokenkeeper::store::conformance::unique_key;
-use tokenkeeper::testing::{Mode, Simulator};
+use tokenkeeper::testing::{FaultyStore, Mode, Simulator};
 use tokenkeeper::{ClientCredentials, ProviderProfile, RefreshingTokenSource};
 
 const CHILD_ENV: &str = "TK_WATCH_CHILD";
@@ -88,7 +86,7 @@ async fn run_child(config: ChildConfig) -> ChildReport {
     let store: Arc<dyn tokenkeeper::TokenStore> = if config.watch {
         store
     } else {
-        Arc::new(unwatched::Unwatched(store))
+        Arc::new(FaultyStore::new(store).without_watch())
     };
     let profile = ProviderProfile::lucid().with_token_url(config.token_url.parse().unwrap());
     let new_source = || {

@@ -115,6 +115,8 @@ fn index(op: StoreOp) -> usize {
 pub struct FaultyStore<S> {
     inner: Arc<S>,
     faults: Arc<Mutex<Faults>>,
+    /// Whether `watch` is passed on (see [`FaultyStore::without_watch`]).
+    watches: bool,
 }
 
 struct Faults {
@@ -149,7 +151,17 @@ impl<S> FaultyStore<S> {
                 rng: fastrand::Rng::with_seed(0),
                 counts: FaultCounts::default(),
             })),
+            watches: true,
         }
+    }
+
+    /// A store that cannot watch, as a custom store without [`TokenStore::watch`] is:
+    /// `watch` answers [`StoreError::Unsupported`], so its sources learn of another
+    /// replica's save only when they read the store (their token turned stale, or the API
+    /// rejected it). For measuring what the watch is worth.
+    pub fn without_watch(mut self) -> Self {
+        self.watches = false;
+        self
     }
 
     /// Injects a fault drawn from `mix` into each call of one of `ops` with probability
@@ -323,6 +335,9 @@ impl<S: TokenStore> TokenStore for FaultyStore<S> {
     }
 
     fn watch(&self) -> Result<crate::store::Watch, StoreError> {
+        if !self.watches {
+            return Err(StoreError::Unsupported("watch"));
+        }
         self.inner.watch()
     }
 
