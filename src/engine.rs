@@ -117,11 +117,27 @@ struct FlightSlot {
     /// outcome as theirs.
     current: Option<(u32, Flight, bool)>,
     serial: u32,
-    /// Wakes the current flight while it waits on the store (for the lease, or for
-    /// another holder's rotation) when the watch reports a save (see
-    /// [`Engine::store_changed_or`]).
-    wake: Option<Arc<tokio::sync::Notify>>,
+    /// What only some flights need (boxed: most never do): see [`FlightExtra`].
+    extra: Option<Box<FlightExtra>>,
 }
+
+/// What a flight that waits on the store, or dooms the published token, keeps in its
+/// slot; dropped with the flight.
+#[derive(Default)]
+struct FlightExtra {
+    /// Wakes the flight while it waits on the store (for the lease, or for another
+    /// holder's rotation) when the watch reports a save (see
+    /// [`Engine::store_changed_or`]).
+    wake: Arc<tokio::sync::Notify>,
+    /// Until when callers wait for the flight rather than take the doomed token (see
+    /// [`Engine::doom`]), on the clock's monotonic reading.
+    doomed_until: Option<Instant>,
+}
+
+/// The longest callers wait for a flight instead of taking the token it doomed: a
+/// refresh takes well under a second, and a provider that hangs must not stall callers
+/// for its whole request timeout (the token may well still be alive then).
+pub(crate) const DOOM_AT_MOST: StdDuration = StdDuration::from_secs(3);
 
 /// Timeouts and intervals, fixed at build.
 #[derive(Clone, Copy, Debug)]
@@ -544,11 +560,12 @@ impl Engine {
 
     /// Marks the published token doomed when the provider kills the previous access
     /// token on refresh: a refresh of this grant is in flight (this flight's, about to
-    /// present the refresh token, or another holder's, whose write-ahead record this
-    /// flight read), so the token dies within a round trip. Until the flight that called
-    /// this ends (publishing the successor, or lifting the doom in [`Engine::fly`]),
-    /// callers wait for it instead of taking the token; the hot path's window is closed
-    /// at once (`fresh_until` now).
+    /// present the refresh token, or another holder's, whose write-ahead record a flight
+    /// read), so the token dies within a round trip. Until the main flight now running
+    /// ends (publishing the successor, or lifting the doom in [`Engine::clear_flight`]),
+    /// and for at most [`DOOM_AT_MOST`], callers wait for it instead of taking the token;
+    /// the hot path's window is closed at once (`fresh_until` now). Without a main flight
+    /// running, nothing would lift the doom: nothing is doomed.
     pub(crate) fn doom(&self) {
         if !self
             .config
@@ -558,42 +575,67 @@ impl Engine {
         {
             return;
         }
-        self.swap_doom(true);
+        // Under the slot's lock, as `clear_flight` lifts it: a doom never outlives the
+        // flight it waits for.
+        let mut slot = self.flight();
+        if slot.current.is_none() {
+            return;
+        }
+        if self.swap_doom(true) {
+            slot.extra.get_or_insert_with(Box::default).doomed_until =
+                self.config.clock.monotonic().checked_add(DOOM_AT_MOST);
+        }
+    }
+
+    /// Lifts a doom: the flight that set it has ended, or callers waited long enough.
+    fn lift_doom(&self) {
+        self.swap_doom(false);
     }
 
     /// Publishes the published token again with `doomed` set as given, unless it already
-    /// is, or something else was published meanwhile.
-    fn swap_doom(&self, doomed: bool) {
-        let current = self.cache.load_full();
-        let Some(cached) = current.as_ref().filter(|c| c.doomed != doomed) else {
-            return;
-        };
-        let fresh_until = if doomed {
-            self.config.clock.monotonic()
-        } else {
-            self.monotonic_deadline(cached.stale_at)
-        };
-        let swapped = Arc::new(Cached {
-            token: cached.token.clone(),
-            fresh_until,
-            stale_at: cached.stale_at,
-            expires_at: cached.expires_at,
-            keep_alive_at: cached.keep_alive_at,
-            refresh_expires_at: cached.refresh_expires_at,
-            doomed,
-        });
-        self.cache.compare_and_swap(&current, Some(swapped));
+    /// is, or nothing is published; retried while something else republishes the same
+    /// token meanwhile (a re-arm), never over another token. Returns whether it swapped.
+    fn swap_doom(&self, doomed: bool) -> bool {
+        loop {
+            let current = self.cache.load_full();
+            let Some(cached) = current.as_ref().filter(|c| c.doomed != doomed) else {
+                return false;
+            };
+            let fresh_until = if doomed {
+                self.config.clock.monotonic()
+            } else {
+                self.monotonic_deadline(cached.stale_at)
+            };
+            let swapped = Arc::new(Cached {
+                token: cached.token.clone(),
+                fresh_until,
+                stale_at: cached.stale_at,
+                expires_at: cached.expires_at,
+                keep_alive_at: cached.keep_alive_at,
+                refresh_expires_at: cached.refresh_expires_at,
+                doomed,
+            });
+            let seen = self.cache.compare_and_swap(&current, Some(swapped));
+            let same_pointer = seen
+                .as_ref()
+                .zip(current.as_ref())
+                .is_some_and(|(seen, expected)| Arc::ptr_eq(seen, expected));
+            if same_pointer {
+                return true;
+            }
+            // Published again meanwhile: only the same token, in the other state, is
+            // worth another try.
+            if !seen.as_ref().is_some_and(|seen| seen.token == cached.token) {
+                return false;
+            }
+        }
     }
 
     /// Waits until the store's watch reports a save of this key or `timeout` passes,
     /// whichever comes first: a flight waiting on the store (for the lease, for another
     /// holder's rotation) reads it again at once when told, and otherwise polls.
     pub(crate) async fn store_changed_or(&self, timeout: StdDuration) {
-        let wake = Arc::clone(
-            self.flight()
-                .wake
-                .get_or_insert_with(|| Arc::new(tokio::sync::Notify::new())),
-        );
+        let wake = Arc::clone(&self.flight().extra.get_or_insert_with(Box::default).wake);
         let _ = tokio::time::timeout(timeout, wake.notified()).await;
     }
 
@@ -609,16 +651,33 @@ impl Engine {
     /// Expired or missing token: join the flight, or start one.
     async fn wait_for_token(self: &Arc<Self>) -> Outcome {
         loop {
+            // How long a caller waits for a flight that doomed the published token.
+            let mut bound = None;
             let flight = {
                 let mut slot = self.flight();
                 // Re-check under the gate: a flight may have just published. A doomed
                 // token waits for the flight that doomed it (which ends by publishing
-                // its successor, or by lifting the doom).
+                // its successor, or by lifting the doom), for at most `DOOM_AT_MOST`.
                 if let Some(cached) = &*self.cache.load()
                     && cached.freshness(self.config.clock.now()) != Freshness::Expired
-                    && (!cached.doomed || slot.current.is_none())
                 {
-                    return Ok(cached.token.clone());
+                    if !cached.doomed {
+                        return Ok(cached.token.clone());
+                    }
+                    let left = slot
+                        .extra
+                        .as_ref()
+                        .and_then(|extra| extra.doomed_until)
+                        .map(|until| until.saturating_duration_since(self.now()))
+                        .filter(|left| !left.is_zero() && slot.current.is_some());
+                    match left {
+                        Some(left) => bound = Some(left),
+                        None => {
+                            // Waited long enough: serve it, and let the hot path do so.
+                            self.lift_doom();
+                            return Ok(cached.token.clone());
+                        }
+                    }
                 }
                 match &slot.current {
                     Some((_, following, true)) => Err(following.clone()),
@@ -634,11 +693,19 @@ impl Engine {
                     },
                 }
             };
-            match flight {
-                Ok(flight) => return flight.await.or_else(|e| self.or_valid_token(e)),
+            match (flight, bound) {
+                (Ok(flight), None) => return flight.await.or_else(|e| self.or_valid_token(e)),
+                (Ok(flight), Some(bound)) => {
+                    if let Ok(outcome) = tokio::time::timeout(bound, flight).await {
+                        return outcome.or_else(|e| self.or_valid_token(e));
+                    }
+                }
                 // A follow flight: wait for it (it may publish what is needed), then look
                 // again.
-                Err(following) => drop(following.await),
+                (Err(following), None) => drop(following.await),
+                (Err(following), Some(bound)) => {
+                    drop(tokio::time::timeout(bound, following).await);
+                }
             }
         }
     }
@@ -828,8 +895,8 @@ impl Engine {
             if slot.current.is_some() || scoped_running {
                 state.follow_pending = true;
                 // A flight waiting on the store reads it again now.
-                if let Some(wake) = &slot.wake {
-                    wake.notify_one();
+                if let Some(extra) = &slot.extra {
+                    extra.wake.notify_one();
                 }
                 return;
             }
@@ -841,11 +908,11 @@ impl Engine {
         let mut slot = self.flight();
         if slot.current.as_ref().is_some_and(|(s, _, _)| *s == serial) {
             slot.current = None;
-            slot.wake = None;
+            slot.extra = None;
             // A doom this flight left (its refresh failed, the other holder's rotation
             // never showed) is lifted: the token may well be alive, and it is the only
             // one.
-            self.swap_doom(false);
+            self.lift_doom();
         }
         drop(slot);
         for entry in lock(&self.scoped).iter_mut() {
@@ -1027,7 +1094,13 @@ impl Engine {
 
     /// Publishes a token set's access token to the hot path.
     pub(crate) fn publish(&self, set: &TokenSet) -> Option<AccessToken> {
-        if flight_is_stale(&self.state()) {
+        self.publish_locked(&self.state(), set)
+    }
+
+    /// [`Engine::publish`] with the state already locked: what was checked under the lock
+    /// (an `invalidate`'s rejection) still holds when the token is published.
+    pub(crate) fn publish_locked(&self, state: &State, set: &TokenSet) -> Option<AccessToken> {
+        if flight_is_stale(state) {
             return None;
         }
         let cached = self.cached_of(set)?;

@@ -215,7 +215,7 @@ impl Engine {
         self.remember(&stored.value, Some(stored.version));
         // Another holder is refreshing, and the refresh kills the published token: wait
         // for its successor (callers wait for this flight meanwhile: the token is doomed).
-        if let Some(rotation) = stored.value.rotation.clone()
+        if self.killing_rotation_in_flight(&stored.value)
             && self
                 .cache
                 .load()
@@ -223,9 +223,11 @@ impl Engine {
                 .is_some_and(|cached| cached.doomed)
         {
             let token = self
-                .await_rotation(Reason::AccessToken, Some(rotation))
+                .await_rotation(Reason::AccessToken, stored.value.rotation.clone())
                 .await;
-            if token.is_some() {
+            if let Some(token) = &token
+                && before.as_ref().is_none_or(|cached| &cached.token != token)
+            {
                 self.state().metrics.adoptions_by_watch += 1;
             }
             return Ok(token);
@@ -1029,25 +1031,38 @@ impl Engine {
             return;
         }
         let mut known = set.clone();
-        let foreign = match &known.rotation {
-            Some(r) if r.holder == self.holder() => {
-                known.rotation = None;
-                None
-            }
-            other => other.as_ref().map(|r| r.since),
-        };
+        if known
+            .rotation
+            .as_ref()
+            .is_some_and(|r| r.holder == self.holder())
+        {
+            known.rotation = None;
+        }
         state.last_known = Some(known);
         state.known_version = version.unwrap_or(0);
         drop(state);
-        // Another holder is presenting the refresh token now (its record is younger than
-        // a request may take; an older one's request has ended, one way or another).
-        let now = self.config.clock.now();
-        let request_timeout = self.config.endpoint.profile().request_timeout;
-        if foreign.is_some_and(|since| {
-            Duration::try_from(request_timeout).is_ok_and(|timeout| now - since < timeout)
-        }) {
+        // (A record taken back is seen by the flight's next read: the set, adoptable
+        // again, republishes the token undoomed.)
+        if self.killing_rotation_in_flight(set) {
             self.doom();
         }
+    }
+
+    /// Whether `set` records another holder presenting its refresh token now, with a
+    /// profile whose refresh kills the previous access token: then the set's access token
+    /// is about to die. "Now": the record is younger than a request may take, by this
+    /// machine's clock, either way (an older one's request has ended, one way or
+    /// another; one from further in the future than that is judged by no clock).
+    pub(crate) fn killing_rotation_in_flight(&self, set: &TokenSet) -> bool {
+        let profile = self.config.endpoint.profile();
+        if !profile.refresh_invalidates_access_token {
+            return false;
+        }
+        let Some(rotation) = set.rotation.as_ref().filter(|r| r.holder != self.holder()) else {
+            return false;
+        };
+        let age = (self.config.clock.now() - rotation.since).unsigned_abs();
+        age < profile.request_timeout
     }
 
     /// Records a provider failure in the backoff, and tells the caller when the next
@@ -1108,12 +1123,12 @@ impl Engine {
         }
     }
 
-    /// Adopts `set` if its access token is fresh, not due for keep-alive, and not one the
-    /// API rejected (unless a forced refresh ran too recently: then the rejection was not
+    /// Adopts `set` if its access token is fresh, not due for keep-alive, not about to
+    /// be killed by another holder's refresh in flight, and not one the API rejected (unless a forced refresh ran too recently: then the rejection was not
     /// about expiry, and the token is served again).
     pub(crate) fn adoptable(&self, set: &TokenSet, reason: Reason) -> Option<AccessToken> {
         let token = set.access_token.as_ref()?;
-        if set.rejected_at.is_some() {
+        if set.rejected_at.is_some() || self.killing_rotation_in_flight(set) {
             return None;
         }
         let now = self.config.clock.now();
@@ -1136,8 +1151,10 @@ impl Engine {
         if adopted {
             state.metrics.adoptions += 1;
         }
+        // Published under the lock the rejection was checked under: an `invalidate` in
+        // between cannot have its token published again.
+        let published = self.publish_locked(&state, set);
         drop(state);
-        let published = self.publish(set);
         if adopted && published.is_some() {
             self.emit(EventKind::Adopted);
         }
