@@ -198,6 +198,14 @@ impl Following {
             reads: tokio::sync::Semaphore::new(FOLLOW_READS),
         }
     }
+
+    /// Whether a task follows the store's watch now (and so, presumably, do the other
+    /// replicas' sources).
+    pub(crate) fn watching(&self) -> bool {
+        lock(&self.task)
+            .as_ref()
+            .is_some_and(|task| task.as_ref().is_some_and(|t| !t.0.is_finished()))
+    }
 }
 
 /// The task following the store (see [`crate::follow`]); stopped when dropped, with the
@@ -563,28 +571,39 @@ impl Engine {
     /// present the refresh token, or another holder's, whose write-ahead record a flight
     /// read), so the token dies within a round trip. Until the main flight now running
     /// ends (publishing the successor, or lifting the doom in [`Engine::clear_flight`]),
-    /// and for at most [`DOOM_AT_MOST`], callers wait for it instead of taking the token;
+    /// and for at most [`DOOM_AT_MOST`] (once per flight), callers wait for it instead of
+    /// taking the token;
     /// the hot path's window is closed at once (`fresh_until` now). Without a main flight
-    /// running, nothing would lift the doom: nothing is doomed.
-    pub(crate) fn doom(&self) {
+    /// running, nothing would lift the doom: nothing is doomed; nor is an expired token
+    /// (nobody is served it anyway). Returns whether a token was doomed.
+    pub(crate) fn doom(&self) -> bool {
         if !self
             .config
             .endpoint
             .profile()
             .refresh_invalidates_access_token
+            || self.valid_cached().is_none()
         {
-            return;
+            return false;
         }
         // Under the slot's lock, as `clear_flight` lifts it: a doom never outlives the
-        // flight it waits for.
+        // flight it waits for. Once per flight: callers that waited out a doom are not
+        // made to wait again by the same flight reading the same record again.
         let mut slot = self.flight();
-        if slot.current.is_none() {
-            return;
+        if slot.current.is_none()
+            || slot
+                .extra
+                .as_ref()
+                .is_some_and(|extra| extra.doomed_until.is_some())
+        {
+            return false;
         }
-        if self.swap_doom(true) {
+        let doomed = self.swap_doom(true);
+        if doomed {
             slot.extra.get_or_insert_with(Box::default).doomed_until =
                 self.config.clock.monotonic().checked_add(DOOM_AT_MOST);
         }
+        doomed
     }
 
     /// Lifts a doom: the flight that set it has ended, or callers waited long enough.

@@ -44,6 +44,14 @@ use crate::token::{Freshness, RotationInFlight, TokenSet, absolute_expiry, add_c
 /// reads the store to adopt what that holder saves.
 const WATCH_WHILE_WAITING: StdDuration = StdDuration::from_millis(200);
 
+/// Where a refresh kills the previous access token and the store can watch, how long
+/// the refreshing flight waits between writing its write-ahead record and presenting the
+/// refresh token: the other replicas hear the record (milliseconds) and stop serving the
+/// token before the provider kills it. Paid once per token lifetime, by callers already
+/// waiting for the successor, and only when a valid token was doomed (a refresh of an
+/// expired or rejected token kills nothing anyone is served).
+const ANNOUNCE_GRACE: StdDuration = StdDuration::from_millis(50);
+
 /// The longest a flight waits, without the lease, for another holder's rotation.
 const AWAIT_ROTATION_AT_MOST: StdDuration = StdDuration::from_secs(5);
 
@@ -394,8 +402,18 @@ impl Engine {
         // Step 2.
         let stored = held.op(self.config.store.load(&self.key)).await?;
         let (mut current, mut version) = self.current(held, stored).await?;
+        // Under a lease that lasts as long as its holder, another holder's record is that
+        // of a holder gone: nothing of it is in flight any more.
+        let in_flight_possible = held.expires() || current.rotation.is_none();
+        let candidate = if in_flight_possible {
+            std::borrow::Cow::Borrowed(&current)
+        } else {
+            let mut settled = current.clone();
+            settled.rotation = None;
+            std::borrow::Cow::Owned(settled)
+        };
         if scope.is_none()
-            && let Some(token) = self.adoptable(&current, reason)
+            && let Some(token) = self.adoptable(&candidate, reason)
         {
             return Ok(token);
         }
@@ -458,7 +476,12 @@ impl Engine {
 
             // The lease must outlast the request before anything is written (a record
             // left for a token nobody presented would make others wait for nothing).
-            let timeout = self.config.endpoint.profile().request_timeout;
+            let timeout = self
+                .config
+                .endpoint
+                .profile()
+                .request_timeout
+                .saturating_add(ANNOUNCE_GRACE);
             if !held.outlasts(timeout).await {
                 return Err(Error::transient(TransientKind::LeaseBusy, None));
             }
@@ -486,9 +509,11 @@ impl Engine {
                 return Err(Error::transient(TransientKind::LeaseBusy, None));
             }
             // From here the published token may die at any moment (where a refresh kills
-            // the previous access token): callers wait for this flight.
-            if scope.is_none() {
-                self.doom();
+            // the previous access token): callers wait for this flight. Replicas that
+            // watch the store hear the record and stop serving it too, given a moment
+            // (`ANNOUNCE_GRACE`) before the provider kills it.
+            if scope.is_none() && self.doom() && self.config.following.watching() {
+                tokio::time::sleep(ANNOUNCE_GRACE).await;
             }
             let forced = {
                 let mut state = self.state();
@@ -1044,14 +1069,15 @@ impl Engine {
         // (A record taken back is seen by the flight's next read: the set, adoptable
         // again, republishes the token undoomed.)
         if self.killing_rotation_in_flight(set) {
-            self.doom();
+            let _doomed = self.doom();
         }
     }
 
     /// Whether `set` records another holder presenting its refresh token now, with a
     /// profile whose refresh kills the previous access token: then the set's access token
-    /// is about to die. "Now": the record is younger than a request may take, by this
-    /// machine's clock, either way (an older one's request has ended, one way or
+    /// is about to die. "Now": the record is younger than twice the request timeout (the
+    /// request starts a little after the record, and may take the whole timeout), by
+    /// this machine's clock, either way (an older one's request has ended, one way or
     /// another; one from further in the future than that is judged by no clock).
     pub(crate) fn killing_rotation_in_flight(&self, set: &TokenSet) -> bool {
         let profile = self.config.endpoint.profile();
@@ -1062,7 +1088,7 @@ impl Engine {
             return false;
         };
         let age = (self.config.clock.now() - rotation.since).unsigned_abs();
-        age < profile.request_timeout
+        age < profile.request_timeout.saturating_mul(2)
     }
 
     /// Records a provider failure in the backoff, and tells the caller when the next
@@ -1139,6 +1165,16 @@ impl Engine {
             return None;
         }
         let mut state = self.state();
+        // A set holding a refresh token this source saw consumed is older than what
+        // replaced it (a read that raced this source's own rotation, or a store gone
+        // back in time): its access token may be dead.
+        if set
+            .refresh_token
+            .as_ref()
+            .is_some_and(|t| state.consumed.contains(t))
+        {
+            return None;
+        }
         if state.rejected_access.as_ref() == Some(token) {
             if self.forced_refresh_allowed(&state) {
                 return None;

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use tokenkeeper::testing::{Mode, Simulator};
+use tokenkeeper::testing::{FaultyStore, Mode, Simulator};
 use tokenkeeper::{ManualClock, MemoryStore, RefreshingTokenSource, TokenSet, TokenStore};
 
 /// A source that adopted another holder's fresh set while waiting for the lease gives
@@ -63,9 +63,17 @@ async fn fresh_access_token_refreshes_a_stale_token_before_answering() {
         .unwrap();
     let store = MemoryStore::new();
     let grant = sim.issue_grant();
-    let build = || {
-        RefreshingTokenSource::builder(sim.profile(), sim.credentials())
-            .store(store.clone())
+    // The serving source does not watch the store: it would follow the demanding
+    // source's refresh at once (tests/follow.rs), and this test is about `access_token`
+    // itself serving a stale token.
+    let build = |watch: bool| {
+        let builder = RefreshingTokenSource::builder(sim.profile(), sim.credentials());
+        let builder = if watch {
+            builder.store(store.clone())
+        } else {
+            builder.store(FaultyStore::new(store.clone()).without_watch())
+        };
+        builder
             .key("k")
             .initial_refresh_token(grant.clone())
             .leeway(Duration::from_secs(600))
@@ -73,7 +81,7 @@ async fn fresh_access_token_refreshes_a_stale_token_before_answering() {
             .build()
             .unwrap()
     };
-    let (serving, demanding) = (build(), build());
+    let (serving, demanding) = (build(false), build(true));
     let first = serving.access_token().await.unwrap();
     demanding.access_token().await.unwrap();
     // 55 minutes later the hour-long token is within the 10-minute leeway: stale.

@@ -45,8 +45,10 @@ const LIFETIME: Duration = Duration::from_secs(5);
 const LEEWAY: Duration = Duration::from_secs(1);
 const LEEWAY_STEP: Duration = Duration::from_millis(400);
 const RUN: Duration = Duration::from_secs(17);
-/// The bound with the watch: at most one served token in a thousand is already dead.
-const MAX_REJECTED_WITH_WATCH: f64 = 0.001;
+/// The bound with the watch: at most one served token in ten thousand is already dead
+/// (the issue asks for one in a thousand; without the refresher's pause between its
+/// write-ahead record and the refresh, `ANNOUNCE_GRACE`, runs measured 0.02-0.08%).
+const MAX_REJECTED_WITH_WATCH: f64 = 0.0001;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct ChildConfig {
