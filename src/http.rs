@@ -57,21 +57,78 @@ impl GrantRequest<'_> {
     }
 }
 
-/// A client for one profile: no redirects, the profile's timeouts, and no proxy when a
-/// URL is on loopback.
-fn own_client(profile: &ProviderProfile) -> Result<reqwest::Client, Error> {
+/// How many HTTP clients the library has built (see [`crate::testing::http_clients_built`]).
+pub(crate) static CLIENTS_BUILT: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(0);
+
+/// A client for `profile`'s endpoints: no redirects, the profile's connect timeout (its
+/// request timeout is set on every request), and no proxy when a URL is on loopback.
+/// `pooled`: idle connections are kept for the next request (a manager's client);
+/// otherwise each connection closes after its answer.
+pub(crate) fn client_for(
+    profile: &ProviderProfile,
+    pooled: bool,
+) -> Result<reqwest::Client, Error> {
     let mut builder = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
-        .connect_timeout(profile.connect_timeout)
-        .timeout(profile.request_timeout);
+        .connect_timeout(profile.connect_timeout);
+    if !pooled {
+        builder = builder.pool_max_idle_per_host(0);
+    }
     if profile.any_url_is_loopback() {
         // A proxy from HTTP_PROXY cannot reach this machine's loopback, and must not
         // carry a code or a secret sent to it in clear.
         builder = builder.no_proxy();
     }
-    builder
+    let client = builder
         .build()
-        .map_err(|e| Error::Config(format!("cannot build the HTTP client: {e}")))
+        .map_err(|e| Error::Config(format!("cannot build the HTTP client: {e}")))?;
+    CLIENTS_BUILT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Ok(client)
+}
+
+/// The process's shared client for `profile`'s settings (connect timeout, proxy), built
+/// once: what a source uses unless given one. Building a client loads the TLS roots (a
+/// few milliseconds) and each keeps its own connection pool, so a process with a
+/// thousand sources built a thousand of each. Shared, it keeps no idle connection: a
+/// pooled connection belongs to the runtime that opened it, and a client shared across
+/// runtimes (tests, or an application with several) would hand a later runtime a
+/// connection whose runtime is gone. A source refreshes once per token lifetime, so a
+/// new connection per refresh costs nothing that matters; a manager, which sweeps many
+/// grants, has a pooled client of its own.
+pub(crate) fn shared_client(profile: &ProviderProfile) -> Result<reqwest::Client, Error> {
+    type Shared = Vec<((std::time::Duration, bool), reqwest::Client)>;
+    static SHARED: std::sync::Mutex<Shared> = std::sync::Mutex::new(Vec::new());
+    let key = (profile.connect_timeout, profile.any_url_is_loopback());
+    let mut shared = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, client)) = shared.iter().find(|(k, _)| *k == key) {
+        return Ok(client.clone());
+    }
+    let client = client_for(profile, false)?;
+    shared.push((key, client.clone()));
+    Ok(client)
+}
+
+/// A request body that cannot be sent twice: a client that follows redirects (one the
+/// application gave, see [`crate::Builder::http_client`]) does not resend it, and with
+/// it a refresh token, to a redirect's target (reqwest follows a 307 or 308 only with a
+/// body it can replay, and turns a 301, 302 or 303 into a GET without one). Its length
+/// is known, so it is sent with a `Content-Length`, not chunked.
+fn sealed_body(body: String) -> reqwest::Body {
+    reqwest::Body::wrap(body)
+}
+
+/// `fields` as a form body (see [`sealed_body`]).
+fn sealed_form(
+    request: reqwest::RequestBuilder,
+    fields: &[(&str, &str)],
+) -> reqwest::RequestBuilder {
+    let body = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(fields)
+        .finish();
+    request
+        .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .body(sealed_body(body))
 }
 
 /// `url` without its query (which may carry a code or a token) or credentials.
@@ -96,8 +153,8 @@ pub(crate) enum RefreshFailure {
 
 impl TokenEndpoint {
     /// The endpoint of `profile`, sending with `client` when given (see
-    /// [`crate::Builder::http_client`]), otherwise with a client of its own built for it:
-    /// no redirects, the profile's timeouts, and no proxy when a URL is on loopback.
+    /// [`crate::Builder::http_client`]), otherwise with the process's shared client for
+    /// it ([`shared_client`]).
     pub(crate) fn new(
         profile: ProviderProfile,
         credentials: ClientCredentials,
@@ -106,7 +163,7 @@ impl TokenEndpoint {
         profile.validate()?;
         let client = match client {
             Some(client) => client,
-            None => own_client(&profile)?,
+            None => shared_client(&profile)?,
         };
         Ok(Self {
             profile,
@@ -181,18 +238,17 @@ impl TokenEndpoint {
             .await
             .map_err(|e| transport_error(e, TransientKind::Connect))?;
         if response.url() != &sent_to {
-            // Only a client given by the application can follow a redirect (its own never
-            // does). The request has been sent to wherever it led, and may have consumed
-            // a refresh token there: its answer is used like any other (refusing it would
-            // drop the successor and present the used token again), and the mistake is
-            // reported.
-            tracing::error!(
-                from = %redacted_url(&sent_to),
-                to = %redacted_url(response.url()),
-                "the HTTP client followed a redirect of a token request, resending its client \
-                 credentials and token to the redirect's target: build the client with \
-                 `redirect(reqwest::redirect::Policy::none())`"
-            );
+            // Only a client given by the application can follow a redirect (the library's
+            // never do), and only a 301, 302 or 303: the body cannot be sent twice
+            // (`sealed_body`), so the client follows those as a GET without it and gives
+            // up on a 307 or 308. No token went to the redirect's target, and the
+            // endpoint that redirected presented nothing: the answer is refused.
+            return Err(Error::Config(format!(
+                "the token endpoint redirected to {} and the HTTP client followed (without the \
+                 request's body): build the client with `redirect(reqwest::redirect::Policy::none())`, \
+                 and check the profile's URL",
+                redacted_url(response.url())
+            )));
         }
         let status = response.status();
         let headers = response.headers().clone();
@@ -208,7 +264,7 @@ impl TokenEndpoint {
         mut fields: Vec<(&'f str, &'f str)>,
     ) -> reqwest::RequestBuilder {
         let request = self.authenticate(self.client.post(url.clone()), &mut fields);
-        self.with_headers(request).form(&fields)
+        sealed_form(self.with_headers(request), &fields)
     }
 
     /// Revokes `token` (RFC 7009) at the profile's revocation endpoint. `hint` is
@@ -361,7 +417,7 @@ impl TokenEndpoint {
                 if let Some(joined) = &joined {
                     fields.push(("scope", joined));
                 }
-                request.form(&fields)
+                sealed_form(request, &fields)
             }
             BodyEncoding::Json => {
                 let mut body: serde_json::Map<String, serde_json::Value> = fields
@@ -371,7 +427,10 @@ impl TokenEndpoint {
                 if let Some(scope) = scope {
                     body.insert("scope".into(), scope.to_vec().into());
                 }
-                request.json(&body)
+                let body = serde_json::Value::Object(body).to_string();
+                request
+                    .header(CONTENT_TYPE, "application/json")
+                    .body(sealed_body(body))
             }
         }
     }

@@ -193,8 +193,8 @@ impl ManagerBuilder {
     }
 
     /// The HTTP client every grant's token requests are sent with (see
-    /// [`crate::Builder::http_client`]: it must not follow redirects). Default: one
-    /// client of the manager's own, shared by all its grants.
+    /// [`crate::Builder::http_client`]). Default: one client of the manager's own, shared
+    /// by all its grants, keeping its connections for the next request.
     pub fn http_client(mut self, client: reqwest::Client) -> Self {
         self.http_client = Some(client);
         self
@@ -214,13 +214,18 @@ impl ManagerBuilder {
             .build();
         let events = Arc::new(EventSink::new(1024));
         let registry = Arc::default();
+        // A manager sweeps many grants: a client of its own, keeping its connections.
+        let http_client = match self.http_client {
+            Some(client) => client,
+            None => crate::http::client_for(&self.profile, true)?,
+        };
         Ok(TokenManager {
             shared: Arc::new(Shared {
                 config: Arc::new(EngineConfig {
                     endpoint: Arc::new(TokenEndpoint::new(
                         self.profile,
                         self.credentials,
-                        self.http_client,
+                        Some(http_client),
                     )?),
                     store: Arc::new(RefuseSealed(
                         self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),

@@ -69,3 +69,39 @@ async fn a_loopback_token_url_never_goes_through_http_proxy() {
         .expect("the simulator on loopback is reached directly");
     assert_eq!(sim.counters().refreshes, 1);
 }
+
+/// A store URL the store cannot use (an unsupported scheme, text that is no URL) is a
+/// configuration mistake, `StoreError::Misconfigured` naming the cause, not the
+/// retry-later `Unavailable`. (`rediss://` is always supported: TLS is built in.)
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn an_unusable_redis_url_is_a_configuration_error() {
+    use tokenkeeper::store::StoreError;
+    use tokenkeeper::store::redis::RedisStore;
+    for url in ["http://127.0.0.1:6379", "not a url", "redis://[::1"] {
+        match RedisStore::connect(url).await {
+            Err(StoreError::Misconfigured(why)) => {
+                assert!(why.to_lowercase().contains("url"), "{url}: {why}")
+            }
+            other => panic!("{url}: {other:?}"),
+        }
+    }
+}
+
+/// The same for PostgreSQL connection strings.
+#[cfg(feature = "postgres")]
+#[tokio::test]
+async fn an_unusable_postgres_connection_string_is_a_configuration_error() {
+    use tokenkeeper::store::StoreError;
+    use tokenkeeper::store::postgres::PostgresStore;
+    for config in [
+        "mysql://localhost/db",
+        "postgres://localhost:notaport/db",
+        "host=localhost sslmode=sometimes",
+    ] {
+        match PostgresStore::connect(config).await {
+            Err(StoreError::Misconfigured(why)) => assert!(!why.is_empty(), "{config}"),
+            other => panic!("{config}: {other:?}"),
+        }
+    }
+}

@@ -7,3 +7,10 @@ mod simulator;
 
 pub use faults::{FaultCounts, FaultyStore, StoreFault, StoreOp};
 pub use simulator::{Counters, Fault, Mode, Simulator, SimulatorBuilder};
+
+/// How many HTTP clients this process has built for token endpoints so far: sources
+/// share one per profile setting (connect timeout, loopback), a manager builds its own.
+/// For tests that check clients are shared.
+pub fn http_clients_built() -> usize {
+    crate::http::CLIENTS_BUILT.load(std::sync::atomic::Ordering::Relaxed)
+}
