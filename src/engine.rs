@@ -923,6 +923,11 @@ impl Engine {
         let _following = self.spawn_job(&mut slot, Job::Follow);
     }
 
+    /// Whether a flight runs (the main one, or a downscoped one).
+    pub(crate) fn flying(&self) -> bool {
+        self.flight().current.is_some() || lock(&self.scoped).iter().any(|e| e.flight.is_some())
+    }
+
     fn clear_flight(&self, serial: u32) {
         let mut slot = self.flight();
         if slot.current.as_ref().is_some_and(|(s, _, _)| *s == serial) {

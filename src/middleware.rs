@@ -30,7 +30,7 @@
 //! )
 //! .build()?;
 //! let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
-//!     .with(TokenMiddleware::new(source, &profile))
+//!     .with(TokenMiddleware::new(source))
 //!     .build();
 //! let response = client
 //!     .get("https://api.lucid.co/users/me")
@@ -41,6 +41,9 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! When no token can be obtained, the error tells what to do ([`Error`]); from the
+//! middleware's error, [`TokenErrorExt::token_error`] reaches it without a downcast.
 
 use std::fmt;
 use std::sync::Arc;
@@ -52,7 +55,6 @@ use reqwest::{Request, RequestBuilder, Response};
 use reqwest_middleware::{Middleware, Next};
 
 use crate::error::Error;
-use crate::provider::ProviderProfile;
 use crate::secret::AccessToken;
 use crate::source::TokenSource;
 
@@ -104,7 +106,7 @@ impl From<reqwest::Error> for SendError {
 /// returned. Use [`send_with_token`], which rebuilds the request, for those.
 ///
 /// Failures to obtain a token surface as [`reqwest_middleware::Error::Middleware`] wrapping
-/// a [`SendError::Token`] (downcast the `anyhow::Error` to reach it).
+/// a [`SendError::Token`]: [`TokenErrorExt::token_error`] reaches the [`Error`].
 #[derive(Clone)]
 pub struct TokenMiddleware {
     source: Arc<dyn TokenSource>,
@@ -120,10 +122,11 @@ impl fmt::Debug for TokenMiddleware {
 }
 
 impl TokenMiddleware {
-    /// Tokens from `source`; statuses meaning "expired token" from `profile`
-    /// ([`ProviderProfile::expired_token_statuses`]: 401, HighQ 403).
-    pub fn new(source: impl TokenSource + 'static, profile: &ProviderProfile) -> Self {
-        Self::with_statuses(source, profile.expired_token_statuses.iter().copied())
+    /// Tokens from `source`; the statuses meaning "expired token" are the source's
+    /// ([`TokenSource::expired_token_statuses`]: its profile's, 401; HighQ 403).
+    pub fn new(source: impl TokenSource + 'static) -> Self {
+        let statuses = source.expired_token_statuses().to_vec();
+        Self::with_statuses(source, statuses)
     }
 
     /// Tokens from `source`; `expired_statuses` are the API statuses meaning "expired or
@@ -195,8 +198,42 @@ fn middleware_error(e: Error) -> reqwest_middleware::Error {
     reqwest_middleware::Error::middleware(SendError::Token(e))
 }
 
+/// The token [`Error`] inside the error a request through [`TokenMiddleware`] failed
+/// with, without a downcast.
+///
+/// ```no_run
+/// use tokenkeeper::middleware::TokenErrorExt;
+///
+/// # async fn run(client: reqwest_middleware::ClientWithMiddleware) {
+/// match client.get("https://api.lucid.co/users/me").send().await {
+///     Ok(response) => { /* ... */ }
+///     Err(e) => match e.token_error() {
+///         Some(token_error) if token_error.needs_reauthorization() => {
+///             // send the user through consent again
+///         }
+///         _ => { /* the request failed, or retry later */ }
+///     },
+/// }
+/// # }
+/// ```
+pub trait TokenErrorExt {
+    /// The token error, when the request failed because no token could be obtained.
+    fn token_error(&self) -> Option<&Error>;
+}
+
+impl TokenErrorExt for reqwest_middleware::Error {
+    fn token_error(&self) -> Option<&Error> {
+        match self {
+            reqwest_middleware::Error::Middleware(e) => e
+                .downcast_ref::<SendError>()
+                .and_then(SendError::token_error),
+            _ => None,
+        }
+    }
+}
+
 /// Sends the request `build` makes, authorized with a token from `source`; when the
-/// response status is one of `expired_statuses` (see
+/// response status is one of the source's expired-token statuses (see
 /// [`ProviderProfile::expired_token_statuses`]), invalidates that token, gets a new one
 /// and sends a rebuilt request once more. The second response is returned whatever its
 /// status.
@@ -207,12 +244,11 @@ fn middleware_error(e: Error) -> reqwest_middleware::Error {
 ///
 /// ```no_run
 /// use tokenkeeper::middleware::send_with_token;
-/// use tokenkeeper::{ProviderProfile, RefreshingTokenSource};
+/// use tokenkeeper::RefreshingTokenSource;
 ///
 /// # async fn run(source: RefreshingTokenSource) -> Result<(), Box<dyn std::error::Error>> {
-/// let profile = ProviderProfile::autodesk();
 /// let client = reqwest::Client::new();
-/// let response = send_with_token(&source, &profile.expired_token_statuses, || {
+/// let response = send_with_token(&source, || {
 ///     client.get("https://developer.api.autodesk.com/userprofile/v1/users/@me")
 /// })
 /// .await?;
@@ -222,7 +258,6 @@ fn middleware_error(e: Error) -> reqwest_middleware::Error {
 /// ```
 pub async fn send_with_token<F>(
     source: &dyn TokenSource,
-    expired_statuses: &[u16],
     mut build: F,
 ) -> Result<Response, SendError>
 where
@@ -230,7 +265,7 @@ where
 {
     let token = source.access_token().await?;
     let response = send(build(), &token).await?;
-    if !is_expired(expired_statuses, &response) {
+    if !is_expired(source.expired_token_statuses(), &response) {
         return Ok(response);
     }
     let Some(fresh) = renew(source, &token).await? else {

@@ -181,15 +181,16 @@ impl Builder {
     }
 
     /// The HTTP client token requests are sent with (a proxy, extra root certificates,
-    /// a user agent, connection limits), shared with whatever else uses it. Default: a
-    /// client of this source's own. The profile's request timeout applies to every
-    /// request whatever the client's own settings, and the body is capped as ever. The
-    /// client **must not follow redirects** (`redirect(reqwest::redirect::Policy::none())`):
-    /// a token request redirected with `307` or `308` would carry the client secret and
-    /// the refresh token to the redirect's target. If it does follow one, the answer is
-    /// used all the same (the target may have rotated the refresh token: dropping its
-    /// successor would get the used token presented again) and an error is logged. Its
-    /// proxy settings apply even to a loopback token endpoint (the default client never
+    /// a user agent, connection limits), shared with whatever else uses it. Default: the
+    /// process's shared client for the profile (built once for every source; it keeps no
+    /// idle connection, since sources may run on different runtimes). The profile's
+    /// request timeout applies to every request whatever the client's own settings, and
+    /// the body is capped as ever. Build it with
+    /// `redirect(reqwest::redirect::Policy::none())`: a token request is never resent to
+    /// a redirect's target (its body cannot be replayed, so a `307` or `308` is not
+    /// followed), but a client that follows a `301`, `302` or `303` turns it into a GET,
+    /// whose answer is refused as [`Error::Config`](crate::Error::Config). Its proxy
+    /// settings apply even to a loopback token endpoint (the default client never
     /// proxies those).
     pub fn http_client(mut self, client: reqwest::Client) -> Self {
         self.http_client = Some(client);
@@ -430,18 +431,23 @@ impl RefreshingTokenSource {
         self.inner.refresh_now(Reason::AccessToken).await
     }
 
-    /// Waits until this source has no rotated token set left unsaved (a save that failed
-    /// is retried in the background, under the lease) and no lease left to give back (a
-    /// lease granted after the source had adopted another process's tokens). Call it
-    /// before a short-lived process exits: a rotated set lost with the process costs the
-    /// grant, and a lease left behind makes the next process wait for its expiry.
+    /// Waits until this source has no refresh in flight (one that wrote its write-ahead
+    /// record and is presenting the refresh token), no rotated token set left unsaved (a
+    /// save that failed is retried in the background, under the lease) and no lease left
+    /// to give back (a lease granted after the source had adopted another process's
+    /// tokens). Call it before a short-lived process exits: a rotated set lost with the
+    /// process costs the grant, and a record or a lease left behind makes the other
+    /// processes wait for it (`abandoned_rotation_after`, the lease's expiry).
     pub async fn flush(&self) {
         loop {
-            {
+            // The flight slot's lock is taken before the state's everywhere: not under it.
+            let flying = self.inner.flying();
+            let settled = {
                 let state = self.inner.state();
-                if state.unsaved.is_none() && !state.persisting && state.lease_tasks == 0 {
-                    return;
-                }
+                state.unsaved.is_none() && !state.persisting && state.lease_tasks == 0
+            };
+            if settled && !flying {
+                return;
             }
             tokio::time::sleep(StdDuration::from_millis(20)).await;
         }
@@ -489,6 +495,11 @@ impl RefreshingTokenSource {
 }
 
 impl RefreshingTokenSource {
+    /// The provider profile this source was built with.
+    pub fn profile(&self) -> &crate::ProviderProfile {
+        self.inner.config.endpoint.profile()
+    }
+
     /// A health snapshot: expiries, time left before re-authorization, last refresh,
     /// last error, counters.
     pub fn status(&self) -> Status {
@@ -528,5 +539,9 @@ impl TokenSource for RefreshingTokenSource {
 
     async fn invalidate(&self, rejected: &AccessToken) {
         RefreshingTokenSource::invalidate(self, rejected);
+    }
+
+    fn expired_token_statuses(&self) -> &[u16] {
+        &self.profile().expired_token_statuses
     }
 }

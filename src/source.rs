@@ -19,6 +19,15 @@ pub trait TokenSource: Send + Sync {
     /// The API rejected `rejected` (401, or 403 for HighQ): forget it if it is still the
     /// current token, so that the next call reloads from the store and refreshes if needed.
     async fn invalidate(&self, rejected: &AccessToken);
+
+    /// The API statuses that mean "expired or invalid token" for this source's provider
+    /// (what `TokenMiddleware` and `send_with_token` react to): a
+    /// [`RefreshingTokenSource`](crate::RefreshingTokenSource) answers its profile's
+    /// [`expired_token_statuses`](crate::ProviderProfile::expired_token_statuses) (401;
+    /// HighQ 403). Default: 401.
+    fn expired_token_statuses(&self) -> &[u16] {
+        &[401]
+    }
 }
 
 #[async_trait]
@@ -29,6 +38,9 @@ impl<T: TokenSource + ?Sized> TokenSource for Arc<T> {
     async fn invalidate(&self, rejected: &AccessToken) {
         (**self).invalidate(rejected).await
     }
+    fn expired_token_statuses(&self) -> &[u16] {
+        (**self).expired_token_statuses()
+    }
 }
 
 #[async_trait]
@@ -38,5 +50,8 @@ impl<T: TokenSource + ?Sized> TokenSource for Box<T> {
     }
     async fn invalidate(&self, rejected: &AccessToken) {
         (**self).invalidate(rejected).await
+    }
+    fn expired_token_statuses(&self) -> &[u16] {
+        (**self).expired_token_statuses()
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use async_trait::async_trait;
-use tokenkeeper::middleware::{SendError, TokenMiddleware, send_with_token};
+use tokenkeeper::middleware::{SendError, TokenErrorExt, TokenMiddleware, send_with_token};
 use tokenkeeper::testing::{FaultyStore, Mode, Simulator};
 use tokenkeeper::{AccessToken, Error, MemoryStore, RefreshingTokenSource, TokenSource};
 use wiremock::matchers::{header, method, path};
@@ -72,10 +72,7 @@ async fn a_token_killed_by_another_replicas_refresh_is_replaced_from_the_store_w
     replicas.a_refreshes_behind_bs_back().await;
 
     let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
-        .with(TokenMiddleware::new(
-            replicas.b.clone(),
-            &replicas.sim.profile(),
-        ))
+        .with(TokenMiddleware::new(replicas.b.clone()))
         .build();
     let response = client.get(replicas.sim.api_url()).send().await.unwrap();
 
@@ -99,14 +96,10 @@ async fn send_with_token_replaces_a_killed_token_and_retries_once() {
     let client = reqwest::Client::new();
     let mut built = 0;
 
-    let response = send_with_token(
-        &replicas.b,
-        &replicas.sim.profile().expired_token_statuses,
-        || {
-            built += 1;
-            client.get(replicas.sim.api_url())
-        },
-    )
+    let response = send_with_token(&replicas.b, || {
+        built += 1;
+        client.get(replicas.sim.api_url())
+    })
     .await
     .unwrap();
 
@@ -115,10 +108,12 @@ async fn send_with_token_replaces_a_killed_token_and_retries_once() {
     assert_eq!(replicas.sim.counters().refreshes, 2);
 }
 
-/// Hands out `token-1`, `token-2`, ... : a new token after each invalidation.
+/// Hands out `token-1`, `token-2`, ... : a new token after each invalidation. Its
+/// expired-token statuses: 401, or 403 as HighQ's (`highq`).
 #[derive(Default)]
 struct CountingSource {
     invalidations: AtomicUsize,
+    highq: bool,
 }
 
 #[async_trait]
@@ -130,6 +125,10 @@ impl TokenSource for CountingSource {
 
     async fn invalidate(&self, _rejected: &AccessToken) {
         self.invalidations.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn expired_token_statuses(&self) -> &[u16] {
+        if self.highq { &[403] } else { &[401] }
     }
 }
 
@@ -175,14 +174,15 @@ async fn a_persistent_401_is_retried_exactly_once() {
 #[tokio::test]
 async fn send_with_token_retries_a_persistent_403_exactly_once_for_highq() {
     let server = api_that_always_answers(403, 2).await;
-    let source = CountingSource::default();
+    let source = CountingSource {
+        highq: true,
+        ..CountingSource::default()
+    };
     let client = reqwest::Client::new();
 
-    let response = send_with_token(&source, &[403], || {
-        client.get(format!("{}/api", server.uri()))
-    })
-    .await
-    .unwrap();
+    let response = send_with_token(&source, || client.get(format!("{}/api", server.uri())))
+        .await
+        .unwrap();
 
     assert_eq!(response.status(), 403);
     assert_eq!(source.invalidations.load(Ordering::SeqCst), 1);
@@ -222,7 +222,7 @@ async fn a_failure_to_get_a_token_is_a_typed_error() {
         .unwrap();
     let client = reqwest::Client::new();
 
-    let error = send_with_token(&source, &[401], || client.get(sim.api_url()))
+    let error = send_with_token(&source, || client.get(sim.api_url()))
         .await
         .unwrap_err();
 
@@ -230,5 +230,18 @@ async fn a_failure_to_get_a_token_is_a_typed_error() {
         error,
         SendError::Token(Error::ReauthorizationRequired { .. })
     ));
+
+    // Through the middleware: the error users hold gives the token error directly.
+    let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+        .with(TokenMiddleware::new(source))
+        .build();
+    let error = client.get(sim.api_url()).send().await.unwrap_err();
+    assert!(
+        matches!(
+            error.token_error(),
+            Some(Error::ReauthorizationRequired { .. })
+        ),
+        "{error:?}"
+    );
     assert_eq!(sim.counters().requests, 0);
 }

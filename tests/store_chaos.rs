@@ -206,13 +206,14 @@ async fn run_child(config: ChildConfig) -> ChildReport {
     for task in tasks {
         recovery_ms = recovery_ms.max(task.await.unwrap());
     }
-    // Let any retried save settle before exiting (the faults stopped long ago).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while sources.iter().any(|s| s.status().rotation_unsaved)
-        && tokio::time::Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // Let any refresh in flight end and any retried save settle before exiting, as a
+    // process shutting down should (the faults stopped long ago).
+    let flushed = tokio::time::timeout(
+        Duration::from_secs(30),
+        futures_util::future::join_all(sources.iter().map(RefreshingTokenSource::flush)),
+    )
+    .await;
+    assert!(flushed.is_ok(), "the sources flushed within 30 s");
     let mut report = Arc::try_unwrap(report).unwrap().into_inner().unwrap();
     report.recovery_ms = recovery_ms;
     for source in &sources {

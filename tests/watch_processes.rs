@@ -106,7 +106,7 @@ async fn run_child(config: ChildConfig) -> ChildReport {
     let (source, middleware_source) = (new_source(), new_source());
     let http = reqwest::Client::new();
     let with_middleware = reqwest_middleware::ClientBuilder::new(http.clone())
-        .with(TokenMiddleware::new(middleware_source, &profile))
+        .with(TokenMiddleware::new(middleware_source))
         .build();
     let counters: Arc<[AtomicU64; 4]> = Arc::new(Default::default());
     let first_failure = Arc::new(std::sync::Mutex::new(None::<String>));
