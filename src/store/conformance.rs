@@ -57,6 +57,7 @@ pub async fn run(store: &dyn TokenStore, leases: Leases) {
     keys_lists_what_was_saved(store).await;
     due_lists_the_grants_to_keep_alive(store).await;
     watch_reports_every_save(store).await;
+    delete_removes_a_key_under_its_lease_only(store).await;
 }
 
 /// Persistence: what `first` saved, `second` (a new instance over the same storage) loads.
@@ -212,6 +213,59 @@ async fn watch_reports_every_save(store: &dyn TokenStore) {
             }
         }
     }
+}
+
+/// `delete` removes a key's set under the key's lease, and only then: afterwards nothing
+/// is loaded, listed or due for it, and the key can be saved anew. A lease on another
+/// key removes nothing; an absent key is no error. A store that cannot delete says so.
+async fn delete_removes_a_key_under_its_lease_only(store: &dyn TokenStore) {
+    let key = unique_key("delete");
+    let lease = store.lease(&key, ttl()).await.expect("lease");
+    let absent = store.delete(&key, &lease).await;
+    lease.release().await.expect("release");
+    match absent {
+        Err(StoreError::Unsupported(_)) => return,
+        Err(e) => panic!("deleting an absent key failed: {e}"),
+        Ok(()) => {}
+    }
+    let set = sample("delete");
+    assert!(set.keep_alive_at().is_some(), "the sample is due some day");
+    save_leased(store, &key, &set, None).await;
+
+    let other = unique_key("delete-other");
+    let other_lease = store.lease(&other, ttl()).await.expect("lease");
+    let refused = store.delete(&key, &other_lease).await;
+    other_lease.release().await.expect("release");
+    assert!(
+        matches!(refused, Err(StoreError::LeaseLost)),
+        "another key's lease deletes nothing: {refused:?}"
+    );
+    assert!(
+        store.load(&key).await.expect("load").is_some(),
+        "still there"
+    );
+
+    let lease = store.lease(&key, ttl()).await.expect("lease");
+    store.delete(&key, &lease).await.expect("delete");
+    lease.release().await.expect("release");
+    assert!(store.load(&key).await.expect("load").is_none(), "deleted");
+    match store.keys().await {
+        Ok(keys) => assert!(!keys.contains(&key), "keys no longer lists it"),
+        Err(StoreError::Unsupported(_)) => {}
+        Err(e) => panic!("keys failed: {e}"),
+    }
+    let far = OffsetDateTime::now_utc() + time::Duration::days(3650);
+    match store.due(far, 100_000).await {
+        Ok(due) => assert!(!due.contains(&key), "due no longer lists it"),
+        Err(StoreError::Unsupported(_)) => {}
+        Err(e) => panic!("due failed: {e}"),
+    }
+    let version = save_leased(store, &key, &set, None).await;
+    assert_eq!(
+        store.load(&key).await.expect("load").map(|s| s.version),
+        Some(version),
+        "saved anew from nothing"
+    );
 }
 
 /// Saves `set` under `key` (expecting `expected`) under a lease of its own; returns the

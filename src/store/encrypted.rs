@@ -372,6 +372,10 @@ impl<S: TokenStore> TokenStore for EncryptedStore<S> {
         self.inner.renew(key, lease, ttl).await
     }
 
+    async fn delete(&self, key: &str, lease: &Lease) -> Result<(), StoreError> {
+        self.inner.delete(key, lease).await
+    }
+
     async fn keys(&self) -> Result<Vec<String>, StoreError> {
         self.inner.keys().await
     }

@@ -358,6 +358,36 @@ impl TokenStore for FileStore {
         watch::watch(self)
     }
 
+    async fn delete(&self, key: &str, lease: &Lease) -> Result<(), StoreError> {
+        let lock_path = self.lock_path(key)?;
+        let Some(lock) = lease
+            .guard()
+            .and_then(|g| (g as &dyn std::any::Any).downcast_ref::<FileLock>())
+            .filter(|lock| lock.path == lock_path)
+        else {
+            return Err(StoreError::LeaseLost);
+        };
+        // Held open until done, as a save does (a caller that stops waiting does not
+        // unlock the key under the removal).
+        let locked = Arc::clone(&lock.file);
+        let store = self.clone();
+        let key = key.to_owned();
+        blocking(move || {
+            let _locked = locked;
+            let paths = [Some(store.path_for(&key)?), store.legacy_path_for(&key)];
+            for path in paths.into_iter().flatten() {
+                match fs::remove_file(&path) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                        return Err(StoreError::unavailable(e));
+                    }
+                    _ => {}
+                }
+            }
+            sync_dir(&store.dir).map_err(StoreError::unavailable)
+        })
+        .await
+    }
+
     async fn due(&self, before: OffsetDateTime, limit: usize) -> Result<Vec<String>, StoreError> {
         let store = self.clone();
         blocking(move || store.scan_due(before, limit)).await

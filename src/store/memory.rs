@@ -168,6 +168,16 @@ impl TokenStore for MemoryStore {
         Ok(version)
     }
 
+    async fn delete(&self, key: &str, lease: &Lease) -> Result<(), StoreError> {
+        let mut state = self.shared.lock();
+        match state.leases.get(key) {
+            Some(held) if held.fencing == lease.fencing() && held.expires_at > Instant::now() => {}
+            _ => return Err(StoreError::LeaseLost),
+        }
+        state.entries.remove(key);
+        Ok(())
+    }
+
     fn watch(&self) -> Result<Watch, StoreError> {
         Ok(watch_channel(self.shared.saved.subscribe()))
     }

@@ -163,6 +163,21 @@ pub trait TokenStore: fmt::Debug + Send + Sync + 'static {
         }
     }
 
+    /// Removes `key`'s token set, if `lease` (taken on `key`) is still held
+    /// ([`StoreError::LeaseLost`] otherwise, removing nothing): for a user who disconnects
+    /// their account. An absent key is no error. Afterwards `load` finds nothing, and
+    /// `keys` and `due` do not list the key; its lease is not affected, and a later save
+    /// starts the key anew (expected version `None`).
+    ///
+    /// A source that served the grant and finds its key gone restores the newest set it
+    /// saw (its protection against a store that lost the key): revoke the grant first
+    /// ([`crate::RefreshingTokenSource::revoke`], which every source respects), and delete
+    /// the key once no process serves it. The default: [`StoreError::Unsupported`].
+    async fn delete(&self, key: &str, lease: &Lease) -> Result<(), StoreError> {
+        let _ = (key, lease);
+        Err(StoreError::Unsupported("delete"))
+    }
+
     /// Every key that holds a token set, sorted (for operators: `tokenkeeper status`).
     /// The default: [`StoreError::Unsupported`], for stores that cannot list.
     async fn keys(&self) -> Result<Vec<String>, StoreError> {
@@ -228,6 +243,9 @@ impl<S: TokenStore + ?Sized> TokenStore for Arc<S> {
     }
     async fn renew(&self, key: &str, lease: &Lease, ttl: Duration) -> Result<(), StoreError> {
         (**self).renew(key, lease, ttl).await
+    }
+    async fn delete(&self, key: &str, lease: &Lease) -> Result<(), StoreError> {
+        (**self).delete(key, lease).await
     }
     async fn keys(&self) -> Result<Vec<String>, StoreError> {
         (**self).keys().await
@@ -541,6 +559,9 @@ impl TokenStore for RefuseSealed {
     }
     async fn renew(&self, key: &str, lease: &Lease, ttl: Duration) -> Result<(), StoreError> {
         self.0.renew(key, lease, ttl).await
+    }
+    async fn delete(&self, key: &str, lease: &Lease) -> Result<(), StoreError> {
+        self.0.delete(key, lease).await
     }
     async fn keys(&self) -> Result<Vec<String>, StoreError> {
         self.0.keys().await

@@ -159,6 +159,10 @@ struct Sql {
     release: String,
     release_owner: String,
     save: String,
+    /// Empties a key's row (its lease columns stay), under its lease.
+    delete: String,
+    /// The same for a table an earlier version made, without `due_at`.
+    delete_without_due_at: String,
     /// The save of versions before `due_at`, for a table `create_schema` has not upgraded.
     save_without_due_at: String,
     lease_held: String,
@@ -236,6 +240,16 @@ impl Sql {
                  SELECT pg_notify('{channel}', version || ' ' || key) FROM saved",
                 due_at = timestamptz_from_micros(7),
                 channel = listen::channel(t),
+            ),
+            delete: format!(
+                "UPDATE {t} SET version = NULL, body = NULL, due_at = NULL \
+                 WHERE key = $1 AND lease_owner = $2 AND lease_fencing = $3 \
+                   AND lease_expires_at > clock_timestamp()"
+            ),
+            delete_without_due_at: format!(
+                "UPDATE {t} SET version = NULL, body = NULL \
+                 WHERE key = $1 AND lease_owner = $2 AND lease_fencing = $3 \
+                   AND lease_expires_at > clock_timestamp()"
             ),
             save_without_due_at: format!(
                 "WITH saved AS (UPDATE {t} SET version = $4, body = $5 \
@@ -913,6 +927,36 @@ impl TokenStore for PostgresStore {
             receiver,
             |mut receiver| async move { receiver.recv().await.map(|change| (change, receiver)) },
         )))
+    }
+
+    async fn delete(&self, key: &str, lease: &Lease) -> Result<(), StoreError> {
+        check_key(key)?;
+        let held = held_lease(lease, key, &self.shared)?;
+        let fencing_db = to_db(held.fencing)?;
+        self.once(async |client| {
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+                [&key, &held.owner, &fencing_db];
+            let emptied = match client.prepare_cached(&self.shared.sql.delete).await {
+                Ok(statement) => client.execute(&statement, &params).await,
+                // A table without `due_at` (not upgraded yet), as `save` allows.
+                Err(e) if e.code() == Some(&SqlState::UNDEFINED_COLUMN) => {
+                    let statement = client
+                        .prepare_cached(&self.shared.sql.delete_without_due_at)
+                        .await
+                        .map_err(|e| self.pg_error(e))?;
+                    client.execute(&statement, &params).await
+                }
+                Err(e) => Err(e),
+            }
+            .map_err(|e| self.pg_error(e))?;
+            // The row exists while its lease is held: no row changed, no lease.
+            if emptied == 1 {
+                Ok(())
+            } else {
+                Err(StoreError::LeaseLost)
+            }
+        })
+        .await
     }
 
     async fn keys(&self) -> Result<Vec<String>, StoreError> {

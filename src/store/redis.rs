@@ -153,6 +153,18 @@ redis.call('PUBLISH', KEYS[4], ARGV[3] .. ' ' .. ARGV[6])
 return 1
 ";
 
+/// Fenced delete: `KEYS[1]` token hash, `KEYS[2]` lease key, `KEYS[3]` the due index;
+/// `ARGV[1]` `<owner>:<fencing>`, `ARGV[2]` the store key. Returns 1 (removed, or absent)
+/// or -1 (lease lost: nothing removed).
+const DELETE: &str = r"
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then
+  return -1
+end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[3], ARGV[2])
+return 1
+";
+
 /// Adds a set saved before the due index existed to it: `KEYS[1]` token hash, `KEYS[2]`
 /// the due index; `ARGV[1]` the version the set was read at, `ARGV[2]` its keep-alive
 /// instant in ms, `ARGV[3]` the store key. Adds nothing if the hash changed since it was
@@ -200,6 +212,7 @@ pub struct RedisStore {
 struct Scripts {
     acquire: Script,
     backfill: Script,
+    delete: Script,
     release: Script,
     release_owner: Script,
     renew: Script,
@@ -337,6 +350,7 @@ impl RedisStore {
             scripts: Arc::new(Scripts {
                 acquire: Script::new(ACQUIRE),
                 backfill: Script::new(BACKFILL),
+                delete: Script::new(DELETE),
                 release: Script::new(RELEASE),
                 release_owner: Script::new(RELEASE_OWNER),
                 renew: Script::new(RENEW),
@@ -757,6 +771,34 @@ impl TokenStore for RedisStore {
             1 => Ok(version),
             -1 => Err(StoreError::LeaseLost),
             _ => Err(StoreError::Conflict),
+        }
+    }
+
+    async fn delete(&self, key: &str, lease: &Lease) -> Result<(), StoreError> {
+        let token_key = self.token_key(key)?;
+        let lease_key = self.lease_key(key);
+        let Some(held) = lease
+            .guard()
+            .and_then(|g| (g as &dyn std::any::Any).downcast_ref::<RedisLease>())
+            .filter(|held| held.lease_key == lease_key)
+        else {
+            return Err(StoreError::LeaseLost);
+        };
+        let mut connection = self.connection.clone();
+        let outcome: i64 = self
+            .scripts
+            .delete
+            .key(&token_key)
+            .key(&lease_key)
+            .key(self.due_key())
+            .arg(&held.value)
+            .arg(key)
+            .invoke_async(&mut connection)
+            .await
+            .map_err(StoreError::unavailable)?;
+        match outcome {
+            1 => Ok(()),
+            _ => Err(StoreError::LeaseLost),
         }
     }
 
