@@ -39,9 +39,12 @@ impl Clock for SystemClock {
 /// A clock that moves only when told to. Clones share one time.
 ///
 /// ```
+/// use std::time::Duration;
 /// use tokenkeeper::{Clock, ManualClock};
-/// let clock = ManualClock::new(time::macros::datetime!(2026-01-01 0:00 UTC));
-/// clock.advance(time::Duration::hours(2));
+/// use tokenkeeper::time::macros::datetime;
+///
+/// let clock = ManualClock::new(datetime!(2026-01-01 0:00 UTC));
+/// clock.advance(Duration::from_secs(2 * 3600));
 /// assert_eq!(clock.now().hour(), 2);
 /// ```
 ///
@@ -71,14 +74,10 @@ impl ManualClock {
         Self::new(OffsetDateTime::now_utc())
     }
 
-    /// Moves the clock forward (or back, with a negative duration: a wall-clock step
-    /// that the monotonic reading ignores).
-    pub fn advance(&self, by: Duration) {
-        let by = i64::try_from(by.whole_nanoseconds()).unwrap_or(if by.is_negative() {
-            i64::MIN
-        } else {
-            i64::MAX
-        });
+    /// Moves the clock forward by a `std::time::Duration`, or by a `time::Duration`, which
+    /// may be negative: a wall-clock step back that the monotonic reading ignores.
+    pub fn advance(&self, by: impl ClockStep) {
+        let by = by.signed_nanos();
         let add = |cell: &AtomicI64, by: i64| {
             let _ = cell.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
                 Some(n.saturating_add(by))
@@ -93,6 +92,35 @@ impl ManualClock {
     /// Sets the clock to `at`: a wall-clock step that the monotonic reading ignores.
     pub fn set(&self, at: OffsetDateTime) {
         self.nanos.store(to_nanos(at), Ordering::SeqCst);
+    }
+}
+
+/// A step for [`ManualClock::advance`]: a `std::time::Duration` (forward) or a
+/// `time::Duration` (either way). Sealed.
+pub trait ClockStep: sealed::Sealed {
+    /// The step in nanoseconds, saturated.
+    fn signed_nanos(&self) -> i64;
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for std::time::Duration {}
+    impl Sealed for time::Duration {}
+}
+
+impl ClockStep for std::time::Duration {
+    fn signed_nanos(&self) -> i64 {
+        i64::try_from(self.as_nanos()).unwrap_or(i64::MAX)
+    }
+}
+
+impl ClockStep for Duration {
+    fn signed_nanos(&self) -> i64 {
+        i64::try_from(self.whole_nanoseconds()).unwrap_or(if self.is_negative() {
+            i64::MIN
+        } else {
+            i64::MAX
+        })
     }
 }
 

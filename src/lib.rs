@@ -92,7 +92,7 @@ pub mod testing;
 mod token;
 
 pub use background::BackgroundTask;
-pub use clock::{Clock, ManualClock, SystemClock, TokioClock};
+pub use clock::{Clock, ClockStep, ManualClock, SystemClock, TokioClock};
 pub use error::{ConsentFailure, Error, ProviderError, ReauthorizationReason, TransientKind};
 pub use events::{Event, EventCounts, EventKind};
 #[cfg(feature = "manager")]
@@ -103,6 +103,10 @@ pub use secret::{AccessToken, ClientCredentials, ClientSecret, RefreshToken};
 pub use source::TokenSource;
 pub use status::{Health, Metrics, Status};
 pub use store::{FileStore, MemoryStore, TokenStore, Versioned};
+/// The `time` crate, whose `OffsetDateTime` instants the API uses (expiries, clocks): named
+/// through this re-export, no dependency of your own is needed. Durations are
+/// `std::time::Duration` throughout, but for a [`ManualClock`] step back.
+pub use time;
 pub use token::{
     DEFAULT_LEEWAY, ExpiryFields, Freshness, RotationInFlight, TokenSet, absolute_expiry,
 };

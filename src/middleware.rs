@@ -233,9 +233,9 @@ impl TokenErrorExt for reqwest_middleware::Error {
 }
 
 /// Sends the request `build` makes, authorized with a token from `source`; when the
-/// response status is one of the source's expired-token statuses (see
-/// [`ProviderProfile::expired_token_statuses`]), invalidates that token, gets a new one
-/// and sends a rebuilt request once more. The second response is returned whatever its
+/// response status is one of the source's expired-token statuses
+/// ([`TokenSource::expired_token_statuses`]), invalidates that token, gets a new one and
+/// sends a rebuilt request once more. The second response is returned whatever its
 /// status.
 ///
 /// `build` is called once per attempt (at most twice) and must not set `Authorization`

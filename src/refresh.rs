@@ -508,9 +508,12 @@ impl RefreshingTokenSource {
         let state = inner.state();
         let refresh_token_expires_at = cached.as_ref().and_then(|c| c.refresh_expires_at);
         let reauthorization_in = if state.dead.is_some() {
-            Some(Duration::ZERO)
+            Some(StdDuration::ZERO)
         } else {
-            refresh_token_expires_at.map(|at| (at - inner.config.clock.now()).max(Duration::ZERO))
+            // A past expiry is zero left.
+            refresh_token_expires_at.map(|at| {
+                StdDuration::try_from(at - inner.config.clock.now()).unwrap_or(StdDuration::ZERO)
+            })
         };
         Status {
             access_token_expires_at: cached.as_ref().and_then(|c| c.expires_at),

@@ -1,7 +1,7 @@
 //! Health and metrics: [`Status`] and [`Metrics`], read by
 //! [`RefreshingTokenSource::status`](crate::RefreshingTokenSource::status).
 
-use time::{Duration, OffsetDateTime};
+use time::OffsetDateTime;
 
 use crate::error::Error;
 
@@ -63,7 +63,7 @@ pub struct Status {
     pub refresh_token_expires_at: Option<OffsetDateTime>,
     /// Time left until a person must re-authorize: zero once the grant is dead, `None`
     /// when the refresh token's lifetime is unknown.
-    pub reauthorization_in: Option<Duration>,
+    pub reauthorization_in: Option<std::time::Duration>,
     /// When the last successful refresh request was sent.
     pub last_refresh: Option<OffsetDateTime>,
     /// The last failure, if any.
