@@ -90,6 +90,17 @@ impl FileStore {
         (file_stem(key).ok()? != legacy).then(|| self.dir.join(format!("{legacy}.json")))
     }
 
+    /// `lease`'s lock, if it is this store's lease on `key` ([`StoreError::LeaseLost`]
+    /// otherwise: a write with it changes nothing).
+    fn held<'l>(&self, key: &str, lease: &'l Lease) -> Result<&'l FileLock, StoreError> {
+        let lock_path = self.lock_path(key)?;
+        lease
+            .guard()
+            .and_then(|g| (g as &dyn std::any::Any).downcast_ref::<FileLock>())
+            .filter(|lock| lock.path == lock_path)
+            .ok_or(StoreError::LeaseLost)
+    }
+
     fn lock_path(&self, key: &str) -> Result<PathBuf, StoreError> {
         Ok(self.dir.join(format!("{}.json.lock", file_stem(key)?)))
     }
@@ -359,14 +370,7 @@ impl TokenStore for FileStore {
     }
 
     async fn delete(&self, key: &str, lease: &Lease) -> Result<(), StoreError> {
-        let lock_path = self.lock_path(key)?;
-        let Some(lock) = lease
-            .guard()
-            .and_then(|g| (g as &dyn std::any::Any).downcast_ref::<FileLock>())
-            .filter(|lock| lock.path == lock_path)
-        else {
-            return Err(StoreError::LeaseLost);
-        };
+        let lock = self.held(key, lease)?;
         // Held open until done, as a save does (a caller that stops waiting does not
         // unlock the key under the removal).
         let locked = Arc::clone(&lock.file);
@@ -400,14 +404,7 @@ impl TokenStore for FileStore {
         expected: Option<u64>,
         lease: &Lease,
     ) -> Result<u64, StoreError> {
-        let lock_path = self.lock_path(key)?;
-        let Some(lock) = lease
-            .guard()
-            .and_then(|g| (g as &dyn std::any::Any).downcast_ref::<FileLock>())
-            .filter(|lock| lock.path == lock_path)
-        else {
-            return Err(StoreError::LeaseLost);
-        };
+        let lock = self.held(key, lease)?;
         // The write holds the locked file open until it is done: a caller that stops
         // waiting and releases the lease does not unlock the key under a write still in
         // progress (the OS lock lasts as long as any handle to it).

@@ -424,6 +424,17 @@ impl RedisStore {
         Ok(format!("{}token:{key}", self.prefix))
     }
 
+    /// `lease`'s record, if it is this store's lease on `key` ([`StoreError::LeaseLost`]
+    /// otherwise: a write with it changes nothing).
+    fn held<'l>(&self, key: &str, lease: &'l Lease) -> Result<&'l RedisLease, StoreError> {
+        let lease_key = self.lease_key(key);
+        lease
+            .guard()
+            .and_then(|g| (g as &dyn std::any::Any).downcast_ref::<RedisLease>())
+            .filter(|held| held.lease_key == lease_key)
+            .ok_or(StoreError::LeaseLost)
+    }
+
     fn lease_key(&self, key: &str) -> String {
         format!("{}lease:{key}", self.prefix)
     }
@@ -736,14 +747,7 @@ impl TokenStore for RedisStore {
         lease: &Lease,
     ) -> Result<u64, StoreError> {
         let token_key = self.token_key(key)?;
-        let lease_key = self.lease_key(key);
-        let Some(held) = lease
-            .guard()
-            .and_then(|g| (g as &dyn std::any::Any).downcast_ref::<RedisLease>())
-            .filter(|held| held.lease_key == lease_key)
-        else {
-            return Err(StoreError::LeaseLost);
-        };
+        let held = self.held(key, lease)?;
         let version = next_version(key, expected)?;
         let expected = expected.map(|v| v.to_string()).unwrap_or_default();
         let due_at = token
@@ -755,7 +759,7 @@ impl TokenStore for RedisStore {
             .scripts
             .save
             .key(&token_key)
-            .key(&lease_key)
+            .key(&held.lease_key)
             .key(self.due_key())
             .key(self.saved_channel())
             .arg(&held.value)
@@ -776,20 +780,13 @@ impl TokenStore for RedisStore {
 
     async fn delete(&self, key: &str, lease: &Lease) -> Result<(), StoreError> {
         let token_key = self.token_key(key)?;
-        let lease_key = self.lease_key(key);
-        let Some(held) = lease
-            .guard()
-            .and_then(|g| (g as &dyn std::any::Any).downcast_ref::<RedisLease>())
-            .filter(|held| held.lease_key == lease_key)
-        else {
-            return Err(StoreError::LeaseLost);
-        };
+        let held = self.held(key, lease)?;
         let mut connection = self.connection.clone();
         let outcome: i64 = self
             .scripts
             .delete
             .key(&token_key)
-            .key(&lease_key)
+            .key(&held.lease_key)
             .key(self.due_key())
             .arg(&held.value)
             .arg(key)
