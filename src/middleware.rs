@@ -15,8 +15,10 @@
 //! 3. get a token again and, if it differs from the rejected one, send the request again:
 //!    once, never in a loop. The second response is returned whatever its status.
 //!
-//! [`TokenMiddleware`] plugs into a [`reqwest_middleware::ClientWithMiddleware`];
-//! [`send_with_token`] does the same for a plain [`reqwest::Client`].
+//! [`TokenMiddleware`] plugs into a
+//! [`reqwest_middleware::ClientWithMiddleware`](https://docs.rs/reqwest-middleware/0.5/reqwest_middleware/struct.ClientWithMiddleware.html);
+//! [`send_with_token`] does the same for a plain
+//! [`reqwest::Client`](https://docs.rs/reqwest/0.13/reqwest/struct.Client.html).
 //!
 //! ```no_run
 //! use tokenkeeper::middleware::TokenMiddleware;
@@ -98,14 +100,15 @@ impl From<reqwest::Error> for SendError {
     }
 }
 
-/// A [`reqwest_middleware::Middleware`] that authorizes every request with a token from a
-/// [`TokenSource`] and, when the API rejects the token, invalidates it and retries the
-/// request once with a new one.
+/// A [`reqwest_middleware::Middleware`](https://docs.rs/reqwest-middleware/0.5/reqwest_middleware/trait.Middleware.html)
+/// that authorizes every request with a token from a [`TokenSource`] and, when the API
+/// rejects the token, invalidates it and retries the request once with a new one.
 ///
 /// A request whose body cannot be cloned (a stream) is not retried: the first response is
 /// returned. Use [`send_with_token`], which rebuilds the request, for those.
 ///
-/// Failures to obtain a token surface as [`reqwest_middleware::Error::Middleware`] wrapping
+/// Failures to obtain a token surface as
+/// [`reqwest_middleware::Error::Middleware`](https://docs.rs/reqwest-middleware/0.5/reqwest_middleware/enum.Error.html#variant.Middleware) wrapping
 /// a [`SendError::Token`]: [`TokenErrorExt::token_error`] reaches the [`Error`].
 #[derive(Clone)]
 pub struct TokenMiddleware {
