@@ -83,7 +83,11 @@ pub(crate) enum Job {
     /// The store's watch reported a save: read the store (no lease) and publish the set
     /// if it is fresh and holds another token; nothing else (never a refresh). Callers
     /// wait for it to end and then look again, never taking its outcome as theirs.
-    Follow,
+    Follow {
+        /// How many follows of this save failed before this one (see
+        /// [`Engine::follow_again_later`]).
+        failed: u8,
+    },
     /// Only read the store (no lease, no request): adopt a fresh set another process
     /// saved, or pick up a re-imported grant; otherwise answer `fallback`.
     Look {
@@ -96,6 +100,14 @@ type Flight = Shared<BoxFuture<'static, Outcome>>;
 
 /// The longest the hot path trusts the monotonic clock without a wall-clock reading.
 const MONOTONIC_WINDOW: StdDuration = StdDuration::from_secs(10);
+
+/// The pauses before following a save again after a follow's read failed (see
+/// [`Engine::follow_again_later`]).
+const FOLLOW_RETRIES: [StdDuration; 3] = [
+    StdDuration::from_millis(250),
+    StdDuration::from_millis(500),
+    StdDuration::from_secs(1),
+];
 
 /// How many scope sets keep a downscoped token per grant.
 pub(crate) const SCOPED_KEPT: usize = 8;
@@ -771,7 +783,7 @@ impl Engine {
     fn spawn_job(self: &Arc<Self>, slot: &mut FlightSlot, job: Job) -> Flight {
         slot.serial = slot.serial.wrapping_add(1);
         let serial = slot.serial;
-        let follow = matches!(job, Job::Follow);
+        let follow = matches!(job, Job::Follow { .. });
         let flight = self.spawn_flight(serial, job);
         slot.current = Some((serial, flight.clone(), follow));
         flight
@@ -820,7 +832,7 @@ impl Engine {
         serial: u32,
         tx: tokio::sync::oneshot::Sender<Outcome>,
     ) {
-        let (outcome, held) = if matches!(job, Job::Follow) {
+        let (outcome, held) = if let Job::Follow { failed } = job {
             // Nobody takes a follow flight's outcome as theirs (callers wait for it to
             // end, then look again): it never refreshes, and when it adopts nothing (or
             // its read fails) no attempt was made, so the failure state stays as it is.
@@ -832,6 +844,7 @@ impl Engine {
                 ),
                 Ok(Err(e)) => {
                     tracing::debug!(key = %self.key, error = %e, "following a save failed; serving what is published");
+                    self.follow_again_later(serial, failed);
                     (Err(e), None)
                 }
                 Err(panic) => (Err(panicked(panic.as_ref())), None),
@@ -920,7 +933,32 @@ impl Engine {
                 return;
             }
         }
-        let _following = self.spawn_job(&mut slot, Job::Follow);
+        let _following = self.spawn_job(&mut slot, Job::Follow { failed: 0 });
+    }
+
+    /// Follow flight number `serial` could not read the store (`failed` follows of this
+    /// save failed before it): a store connection cut along with the watch's typically
+    /// fails the read that the resubscription's resync makes, and no other save may come
+    /// to be heard of. Follows again 250 ms later, then 500 ms and 1 s after further
+    /// failures, unless another flight has started meanwhile (it read the store, or is
+    /// retried in turn); then gives up (the token is read again when it turns stale, or
+    /// when the API rejects it).
+    fn follow_again_later(self: &Arc<Self>, serial: u32, failed: u8) {
+        let Some(pause) = FOLLOW_RETRIES.get(usize::from(failed)).copied() else {
+            return;
+        };
+        let engine = Arc::downgrade(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(pause).await;
+            let Some(engine) = engine.upgrade() else {
+                return;
+            };
+            let mut slot = engine.flight();
+            if slot.serial != serial || slot.current.is_some() || engine.valid_cached().is_none() {
+                return;
+            }
+            let _following = engine.spawn_job(&mut slot, Job::Follow { failed: failed + 1 });
+        });
     }
 
     /// Whether a flight runs (the main one, or a downscoped one).

@@ -122,7 +122,7 @@ impl Engine {
         match job {
             Job::Scoped(scope) => self.refresh_scoped(&scope).await,
             // Run by the flight itself (`Engine::fly`), never through here.
-            Job::Follow => (
+            Job::Follow { .. } => (
                 self.follow().await.and_then(|token| {
                     token.ok_or_else(|| Error::transient(TransientKind::Interrupted, None))
                 }),

@@ -305,3 +305,63 @@ async fn a_resync_reads_a_managers_grants_a_few_at_a_time() {
     );
     drop(handles);
 }
+
+/// A follow whose read fails (the store's connection was cut along with the watch's, and
+/// the resync's read is the first to find out) is tried again, 250 ms, 500 ms and 1 s
+/// later: the replica catches up without another save to hear of. It gives up after
+/// three retries: a store that stays down is not read in a loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follow_whose_read_fails_is_tried_again_a_few_times() {
+    use tokenkeeper::testing::{FaultyStore, StoreFault, StoreOp};
+    let sim = lucid().await;
+    let store = MemoryStore::new();
+    let faulty = FaultyStore::new(store.clone());
+    let a = RefreshingTokenSource::builder(sim.profile(), sim.credentials())
+        .store(store.clone())
+        .key("k")
+        .initial_refresh_token(sim.issue_grant())
+        .forced_refresh_interval(Duration::ZERO)
+        .build()
+        .unwrap();
+    let b = RefreshingTokenSource::builder(sim.profile(), sim.credentials())
+        .store(faulty.clone())
+        .key("k")
+        .build()
+        .unwrap();
+    let first = a.access_token().await.unwrap();
+    assert_eq!(b.access_token().await.unwrap(), first);
+
+    // Every read B's follows make for A's refresh (its write-ahead record and its set)
+    // fails, and one more: only a retry catches up.
+    for _ in 0..3 {
+        faulty.fail_next(StoreOp::Load, StoreFault::FailBefore);
+    }
+    a.invalidate(&first);
+    let second = a.access_token().await.unwrap();
+    until_served(&second, || async { b.access_token().await.unwrap() }).await;
+    assert_eq!(sim.counters().refreshes, 2, "B made no request of its own");
+
+    // A store that stays down: each failed follow is retried three times, then dropped.
+    faulty.clear_queued();
+    for _ in 0..1000 {
+        faulty.fail_next(StoreOp::Load, StoreFault::FailBefore);
+    }
+    let loads = faulty.counts().calls_of(StoreOp::Load);
+    a.invalidate(&second);
+    let third = a.access_token().await.unwrap();
+    assert_ne!(third, second);
+    // Two saves heard (A's write-ahead record and its new set), each followed once; the
+    // last follow retried three times (250 + 500 + 1000 ms); a retry never overlaps a
+    // newer follow's.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let tried = faulty.counts().calls_of(StoreOp::Load) - loads;
+    assert!((4..=5).contains(&tried), "{tried} reads");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        faulty.counts().calls_of(StoreOp::Load) - loads,
+        tried,
+        "no more reads once the retries are spent"
+    );
+    assert_eq!(b.access_token().await.unwrap(), second, "nothing read yet");
+    assert_eq!(sim.counters().reuse_attempts, 0);
+}
