@@ -69,6 +69,9 @@ pub(crate) fn client_for(
     profile: &ProviderProfile,
     pooled: bool,
 ) -> Result<reqwest::Client, Error> {
+    // reqwest uses the process's default provider: the build's, unless the application
+    // installed its own.
+    let _provider = crate::tls::provider();
     let mut builder = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(profile.connect_timeout);

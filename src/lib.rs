@@ -48,9 +48,13 @@
 //!
 //! | feature | what it adds |
 //! |---|---|
+//! | `aws-lc-rs` (default) | TLS cryptography from aws-lc-rs (post-quantum hybrid key exchange, a FIPS mode) |
+//! | `ring` | TLS cryptography from ring instead (with `default-features = false`): a lighter build |
+//! | `xml` | XML token and error responses (quick-xml); RFC 6749 servers answer JSON |
+//! | `highq` | [`ProviderProfile::highq`] (implies `xml`) |
 //! | `consent` | [`consent`]: obtaining a grant once (authorization code with a loopback listener or a pasted code, the device grant), using the `oauth2` crate for the authorization URL |
 //! | `manager` | [`TokenManager`]: many grants (one per user) of one provider, bounded in memory (`moka`), with a fleet sweeper that keeps every stored grant alive and an event stream |
-//! | `cli` | the `tokenkeeper` command (`login`, `token`, `status`, `logout`, `import`) |
+//! | `cli` | the `tokenkeeper` command (`login`, `token`, `status`, `logout`, `import`, `simulate`) |
 //! | `testing` | [`testing`]: a provider simulator on loopback and a fault-injecting store wrapper, for examples and your own tests |
 //! | `conformance` | `store::conformance`: the suite every [`TokenStore`] must pass |
 //! | `middleware` | `middleware`: reactive refresh (invalidate and retry once on 401, HighQ 403) as a `reqwest-middleware` middleware and a plain `send_with_token` helper |
@@ -89,6 +93,7 @@ mod status;
 pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
+mod tls;
 mod token;
 
 pub use background::BackgroundTask;

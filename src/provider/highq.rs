@@ -7,13 +7,15 @@ use url::Url;
 use super::{ProviderProfile, ResponseFormat, Rotation};
 
 impl ProviderProfile {
-    /// HighQ Collaborate at `base_url` (`https://{host}/{instance}/`): a form body with
+    /// HighQ Collaborate at `base_url` (`https://{host}/{instance}/`), with the `highq`
+    /// feature: a form body with
     /// id and secret, `Accept: application/json`, a JSON or XML `<TokenResponse>` read by
     /// Content-Type (and by sniffing when the header lies), numbers possibly as strings,
     /// `refresh_token_expires_in`; a one-year refresh token reset by every refresh and
     /// treated as single use; 403 on the API means an expired access token; 429 carries
     /// `X-Ratelimit-Reset` (epoch seconds). Consent at `{base_url}authorize.action`, with
     /// no scope and no PKCE; `state` may not be echoed; no revocation endpoint.
+    #[cfg_attr(docsrs, doc(cfg(feature = "highq")))]
     pub fn highq(base_url: Url) -> Self {
         let mut base = base_url;
         if !base.path().ends_with('/') {

@@ -17,6 +17,7 @@ use url::Url;
 
 mod autodesk;
 mod generic;
+#[cfg(feature = "highq")]
 mod highq;
 mod lucid;
 mod response;
@@ -58,10 +59,14 @@ pub enum ClientAuth {
 pub enum ResponseFormat {
     /// JSON only.
     Json,
-    /// XML only (a flat element such as HighQ's `<TokenResponse>`).
+    /// XML only (a flat element such as HighQ's `<TokenResponse>`). With the `xml`
+    /// feature.
+    #[cfg(feature = "xml")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "xml")))]
     Xml,
     /// By the `Content-Type` header, and by the body's first character when the header
-    /// is missing or contradicted by the body.
+    /// is missing or contradicted by the body. Without the `xml` feature, an XML body is
+    /// an unreadable answer (RFC 6749 token responses are JSON).
     ByContentType,
 }
 

@@ -296,6 +296,8 @@ impl RedisStore {
     /// [`StoreError::Unavailable`] if the server cannot be reached (or its certificate is
     /// refused).
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        // redis builds its TLS configuration from rustls's process default.
+        let _provider = crate::tls::provider();
         let client = redis::Client::open(url).map_err(invalid_url)?;
         Self::connect_client(client, url).await
     }
@@ -313,6 +315,7 @@ impl RedisStore {
                     .into(),
             ));
         }
+        let _provider = crate::tls::provider();
         let client = redis::Client::build_with_tls(
             url,
             redis::TlsCertificates {

@@ -271,9 +271,7 @@ pub(super) fn connector(settings: &TlsSettings) -> Result<Option<MakeRustlsConne
         SslMode::VerifyCa => Verify::Chain,
         SslMode::VerifyFull => Verify::ChainAndName,
     };
-    let provider = CryptoProvider::get_default()
-        .cloned()
-        .unwrap_or_else(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()));
+    let provider = crate::tls::provider();
     let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
         .map_err(|e| StoreError::Misconfigured(format!("TLS: {e}")))?;
