@@ -1003,3 +1003,140 @@ async fn readme_shortest_paths_per_provider() {
     assert_eq!(sim.counters().code_exchanges, 1, "Lucid");
     assert_eq!(sim.counters().refreshes, 0, "Lucid");
 }
+
+/// `tokenkeeper simulate` started as a process, used by other processes: `import` and
+/// `token` configured from nothing but the JSON it wrote, the token accepted by its API
+/// endpoint within the grant's scopes; reusing a consumed refresh token revokes the
+/// grant, as a real server with reuse detection does; SIGTERM stops it cleanly.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread")]
+async fn simulate_runs_as_a_process_that_other_processes_use() {
+    let sandbox = Sandbox::new();
+    let written = sandbox.dir.path().join("sim.json");
+    let written_arg = written.display().to_string();
+    let simulator = sandbox
+        .command(&[
+            "simulate",
+            "--mode",
+            "lucid",
+            "--scope",
+            "data:read files:write",
+            "--grants",
+            "2",
+            "--json",
+            "--write",
+            &written_arg,
+        ])
+        .spawn()
+        .expect("spawn the simulator");
+    let deadline = tokio::time::Instant::now() + COMMAND_TIMEOUT;
+    while !written.exists() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the simulator wrote no {written_arg}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(mode(&written), 0o600, "the document holds secrets");
+    let document: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&written).unwrap()).unwrap();
+    let field = |name: &str| document[name].as_str().unwrap().to_owned();
+    let refresh_tokens: Vec<String> = document["refresh_tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(refresh_tokens.len(), 2);
+    assert_eq!(
+        document["scopes"],
+        serde_json::json!(["data:read", "files:write"])
+    );
+
+    // Another process, configured from the document alone.
+    let configured = |args: &[&str]| {
+        let mut command = sandbox.command(args);
+        command
+            .env("TOKENKEEPER_PROVIDER", field("provider"))
+            .env("TOKENKEEPER_TOKEN_URL", field("token_url"))
+            .env("TOKENKEEPER_CLIENT_ID", field("client_id"))
+            .env("TOKENKEEPER_CLIENT_SECRET", field("client_secret"))
+            .env("TOKENKEEPER_STORE", sandbox.store());
+        command
+    };
+    let mut import = configured(&["import"]);
+    import.stdin(Stdio::piped());
+    let mut child = import.spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(format!("{}\n", refresh_tokens[0]).as_bytes())
+        .await
+        .unwrap();
+    drop(stdin);
+    assert_exit(&finish(child).await, 0);
+    let token = printed_token(&finish(configured(&["token"]).spawn().unwrap()).await);
+
+    let api = |scope: &str| {
+        let url = format!("{}?scope={scope}", field("api_url"));
+        let token = token.clone();
+        async move {
+            browser(false)
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let me = api("data:read").await;
+    assert_eq!(me.status(), 200);
+    let me: serde_json::Value = me.json().await.unwrap();
+    assert_eq!(me["scope"], "data:read files:write");
+    assert_eq!(api("data:write").await.status(), 403, "outside the grant");
+
+    // The imported refresh token was consumed by the refresh: presenting it again is
+    // reuse, and the simulator revokes the grant, access token included.
+    let reuse = browser(false)
+        .post(field("token_url"))
+        .json(&serde_json::json!({
+            "grant_type": "refresh_token",
+            "refresh_token": refresh_tokens[0],
+            "client_id": field("client_id"),
+            "client_secret": field("client_secret"),
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reuse.status(), 400);
+    assert_eq!(
+        api("data:read").await.status(),
+        401,
+        "the grant was revoked"
+    );
+
+    // SIGTERM: a clean stop.
+    let pid = simulator.id().unwrap().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let stopped = finish(simulator).await;
+    assert_exit(&stopped, 0);
+    let printed: serde_json::Value = serde_json::from_str(stopped.stdout.trim()).unwrap();
+    assert_eq!(
+        printed, document,
+        "stdout (--json) and the file say the same"
+    );
+}
+
+/// A port already taken: exit 78, naming the port.
+#[tokio::test(flavor = "multi_thread")]
+async fn simulate_on_a_taken_port_exits_78() {
+    let sandbox = Sandbox::new();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let output = sandbox.run(&["simulate", "--port", &port]).await;
+    assert_exit(&output, 78);
+    assert!(output.stderr.contains(&port), "{}", output.stderr);
+}

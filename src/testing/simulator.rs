@@ -124,6 +124,7 @@ pub struct SimulatorBuilder {
     device_interval: Duration,
     device_code_lifetime: Duration,
     device_auto_approve_after: Option<u32>,
+    port: u16,
 }
 
 impl SimulatorBuilder {
@@ -239,9 +240,17 @@ impl SimulatorBuilder {
         self
     }
 
-    /// Binds `127.0.0.1` on a free port and starts serving in the current tokio runtime.
+    /// The port to listen on (`127.0.0.1` only). Default 0: any free port (see
+    /// [`Simulator::token_url`] and the other URLs for the one chosen).
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = port;
+        self
+    }
+
+    /// Binds `127.0.0.1` on the port (default: a free one) and starts serving in the
+    /// current tokio runtime. Fails when the port is taken.
     pub async fn start(self) -> std::io::Result<Simulator> {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port)).await?;
         let addr = listener.local_addr()?;
         let device_interval = time::Duration::seconds(
             i64::try_from(self.device_interval.as_secs().max(1)).unwrap_or(i64::MAX),
@@ -421,6 +430,7 @@ impl Simulator {
             device_interval: Duration::from_secs(5),
             device_code_lifetime: Duration::from_secs(600),
             device_auto_approve_after: None,
+            port: 0,
         }
     }
 
@@ -430,8 +440,10 @@ impl Simulator {
         self.url(token_path(self.shared.mode))
     }
 
-    /// A protected API endpoint: 200 with the caller's grant for a valid bearer token,
-    /// else 401 (HighQ mode: 403).
+    /// A protected API endpoint: 200 with the caller's grant and the token's scopes
+    /// (`{"grant": 0, "scope": "data:read data:write"}`) for a valid bearer token, else
+    /// 401 (HighQ mode: 403). With `?scope=a+b`, a valid token lacking one of these
+    /// scopes is answered 403 `insufficient_scope` (RFC 6750).
     pub fn api_url(&self) -> Url {
         self.url(API_PATH)
     }
@@ -492,12 +504,34 @@ impl Simulator {
         }
     }
 
-    /// Creates a grant (a user's consent) and returns its first refresh token.
+    /// Creates a grant (a user's consent) with the default scopes (`data:read
+    /// data:write`) and returns its first refresh token.
     pub fn issue_grant(&self) -> String {
+        self.issue_grant_with_scopes(default_scopes())
+    }
+
+    /// Creates a grant (a user's consent) to these scopes and returns its first refresh
+    /// token. Its refreshes may ask for a subset (`invalid_scope` beyond it), and its
+    /// access tokens pass the API endpoint's `?scope=` check for these scopes only.
+    pub fn issue_grant_with_scopes(
+        &self,
+        scopes: impl IntoIterator<Item = impl Into<String>>,
+    ) -> String {
+        let scopes = scopes.into_iter().map(Into::into).collect();
         let mut state = self.shared.state();
         let now = self.shared.clock.now();
-        let grant = state.new_grant(default_scopes());
+        let grant = state.new_grant(scopes);
         state.new_refresh_token(self.shared.mode, grant, now, self.shared.refresh_lifetime)
+    }
+
+    /// The scopes grant number `grant` was consented to; `None` for a grant that does
+    /// not exist.
+    pub fn grant_scopes(&self, grant: usize) -> Option<Vec<String>> {
+        self.shared
+            .state()
+            .grants
+            .get(grant)
+            .map(|g| g.scopes.clone())
     }
 
     /// How many grants exist (revoked ones included); grants are numbered from 0 in the
@@ -712,6 +746,8 @@ struct IssuedAccess {
     grant: usize,
     expires_at: OffsetDateTime,
     revoked: bool,
+    /// What the token may do (the API endpoint's `?scope=` checks it).
+    scopes: Vec<String>,
 }
 
 impl SimState {
@@ -962,6 +998,7 @@ fn issue_tokens(
             grant,
             expires_at: now + sim.access_lifetime,
             revoked: false,
+            scopes: scopes.clone(),
         },
     );
     Issued {
@@ -1624,7 +1661,7 @@ async fn revoke_endpoint(
     StatusCode::OK.into_response()
 }
 
-async fn api_endpoint(State(sim): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+async fn api_endpoint(State(sim): State<Arc<Shared>>, uri: Uri, headers: HeaderMap) -> Response {
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -1634,18 +1671,40 @@ async fn api_endpoint(State(sim): State<Arc<Shared>>, headers: HeaderMap) -> Res
         })
         .map(str::to_owned);
     let now = sim.clock.now();
-    let grant = {
+    let valid = {
         let state = sim.state();
         bearer.and_then(|token| {
             state
                 .access_tokens
                 .get(&token)
                 .filter(|a| !a.revoked && now < a.expires_at && !state.grants[a.grant].revoked)
-                .map(|a| a.grant)
+                .map(|a| (a.grant, a.scopes.clone()))
         })
     };
-    match grant {
-        Some(grant) => json_response(json!({ "grant": grant })),
+    let required: String = url::form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
+        .filter(|(name, _)| name == "scope")
+        .map(|(_, value)| value.into_owned())
+        .collect::<Vec<_>>()
+        .join(" ");
+    match valid {
+        Some((_, scopes))
+            if required
+                .split_whitespace()
+                .any(|r| !scopes.iter().any(|s| s == r)) =>
+        {
+            (
+                StatusCode::FORBIDDEN,
+                [(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer error=\"insufficient_scope\""),
+                )],
+                "insufficient scope",
+            )
+                .into_response()
+        }
+        Some((grant, scopes)) => {
+            json_response(json!({ "grant": grant, "scope": scopes.join(" ") }))
+        }
         None if sim.mode == Mode::HighQ => (StatusCode::FORBIDDEN, "Access denied").into_response(),
         None => (StatusCode::UNAUTHORIZED, "invalid token").into_response(),
     }

@@ -12,6 +12,7 @@
 mod config;
 mod duration;
 mod settings;
+mod simulate;
 
 use std::error::Error as StdError;
 use std::io::{BufRead, IsTerminal, Write};
@@ -88,6 +89,10 @@ enum Command {
     Logout(LogoutArgs),
     /// Store a refresh token read from stdin, and record the profile in the config file
     Import(ImportArgs),
+    /// Run the provider simulator (rotating single-use refresh tokens, reuse detection)
+    /// on 127.0.0.1 until interrupted, and print its URLs, client credentials and a
+    /// refresh token per grant: for testing a script or a service without credentials
+    Simulate(simulate::SimulateArgs),
 }
 
 #[derive(Args, Debug)]
@@ -278,16 +283,20 @@ async fn run() -> u8 {
     let cli = Cli::parse();
     let profile = cli.profile.clone();
     let result = async {
-        let context = Context {
-            config_path: config::config_path(cli.config)?,
-            profile: cli.profile,
+        let context = move || -> Result<Context, Failure> {
+            Ok(Context {
+                config_path: config::config_path(cli.config)?,
+                profile: cli.profile,
+            })
         };
         match cli.command {
-            Command::Login(args) => login(&context, args).await,
-            Command::Token(args) => token(&context, args).await,
-            Command::Status(args) => status(&context, args).await,
-            Command::Logout(args) => logout(&context, args).await,
-            Command::Import(args) => import(&context, args).await,
+            Command::Login(args) => login(&context()?, args).await,
+            Command::Token(args) => token(&context()?, args).await,
+            Command::Status(args) => status(&context()?, args).await,
+            Command::Logout(args) => logout(&context()?, args).await,
+            Command::Import(args) => import(&context()?, args).await,
+            // No config file: the simulator needs none.
+            Command::Simulate(args) => simulate::simulate(args).await,
         }
     }
     .await;
