@@ -939,14 +939,16 @@ impl Engine {
     /// Follow flight number `serial` could not read the store (`failed` follows of this
     /// save failed before it): a store connection cut along with the watch's typically
     /// fails the read that the resubscription's resync makes, and no other save may come
-    /// to be heard of. Follows again 250 ms later, then 500 ms and 1 s after further
-    /// failures, unless another flight has started meanwhile (it read the store, or is
-    /// retried in turn); then gives up (the token is read again when it turns stale, or
-    /// when the API rejects it).
+    /// to be heard of. Follows again about 250 ms later, then 500 ms and 1 s after further
+    /// failures (each spread by half either way), unless another flight has started
+    /// meanwhile (it read the store, or failed to as this one did); then gives up (the
+    /// token is read again when it turns stale, or when the API rejects it).
     fn follow_again_later(self: &Arc<Self>, serial: u32, failed: u8) {
         let Some(pause) = FOLLOW_RETRIES.get(usize::from(failed)).copied() else {
             return;
         };
+        // Spread: after a resync, every loaded grant of a manager may have failed at once.
+        let pause = pause.mul_f64(0.5 + fastrand::f64());
         let engine = Arc::downgrade(self);
         tokio::spawn(async move {
             tokio::time::sleep(pause).await;

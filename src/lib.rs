@@ -48,7 +48,7 @@
 //!
 //! | feature | what it adds |
 //! |---|---|
-//! | `aws-lc-rs` (default) | TLS cryptography from aws-lc-rs (post-quantum hybrid key exchange, a FIPS mode) |
+//! | `aws-lc-rs` (default) | TLS cryptography from aws-lc-rs (post-quantum hybrid key exchange) |
 //! | `ring` | TLS cryptography from ring instead (with `default-features = false`): a lighter build |
 //! | `xml` | XML token and error responses (quick-xml); RFC 6749 servers answer JSON |
 //! | `highq` | [`ProviderProfile::highq`] (implies `xml`) |

@@ -191,7 +191,9 @@ impl Builder {
     /// followed), but a client that follows a `301`, `302` or `303` turns it into a GET,
     /// whose answer is refused as [`Error::Config`](crate::Error::Config). Its proxy
     /// settings apply even to a loopback token endpoint (the default client never
-    /// proxies those).
+    /// proxies those). With the `ring` feature alone, reqwest has no TLS provider of its
+    /// own: install one (`rustls::crypto::ring::default_provider().install_default()`)
+    /// before building this client.
     pub fn http_client(mut self, client: reqwest::Client) -> Self {
         self.http_client = Some(client);
         self

@@ -1005,9 +1005,10 @@ async fn readme_shortest_paths_per_provider() {
 }
 
 /// `tokenkeeper simulate` started as a process, used by other processes: `import` and
-/// `token` configured from nothing but the JSON it wrote, the token accepted by its API
-/// endpoint within the grant's scopes; reusing a consumed refresh token revokes the
-/// grant, as a real server with reuse detection does; SIGTERM stops it cleanly.
+/// `token` run with nothing but the environment its JSON names (a configuration and a
+/// store of its own, not the user's), the token accepted by its API endpoint within the
+/// grant's scopes; reusing a consumed refresh token revokes the grant, as a real server
+/// with reuse detection does; SIGTERM stops it cleanly and removes its store.
 #[cfg(unix)]
 #[tokio::test(flavor = "multi_thread")]
 async fn simulate_runs_as_a_process_that_other_processes_use() {
@@ -1048,23 +1049,25 @@ async fn simulate_runs_as_a_process_that_other_processes_use() {
         .map(|t| t.as_str().unwrap().to_owned())
         .collect();
     assert_eq!(refresh_tokens.len(), 2);
+    assert_eq!(document["keys"], serde_json::json!(["grant-1", "grant-2"]));
     assert_eq!(
         document["scopes"],
         serde_json::json!(["data:read", "files:write"])
     );
+    let env = document["env"].as_object().unwrap().clone();
+    let own_store = PathBuf::from(env["TOKENKEEPER_STORE"].as_str().unwrap());
 
-    // Another process, configured from the document alone.
+    // Another process, configured by the document's environment alone (the sandbox's
+    // own config file and store stay untouched).
     let configured = |args: &[&str]| {
         let mut command = sandbox.command(args);
-        command
-            .env("TOKENKEEPER_PROVIDER", field("provider"))
-            .env("TOKENKEEPER_TOKEN_URL", field("token_url"))
-            .env("TOKENKEEPER_CLIENT_ID", field("client_id"))
-            .env("TOKENKEEPER_CLIENT_SECRET", field("client_secret"))
-            .env("TOKENKEEPER_STORE", sandbox.store());
+        command.env_remove("TOKENKEEPER_CLIENT_SECRET");
+        for (name, value) in &env {
+            command.env(name, value.as_str().unwrap());
+        }
         command
     };
-    let mut import = configured(&["import"]);
+    let mut import = configured(&["import", "--key", "grant-1"]);
     import.stdin(Stdio::piped());
     let mut child = import.spawn().unwrap();
     let mut stdin = child.stdin.take().unwrap();
@@ -1074,7 +1077,10 @@ async fn simulate_runs_as_a_process_that_other_processes_use() {
         .unwrap();
     drop(stdin);
     assert_exit(&finish(child).await, 0);
-    let token = printed_token(&finish(configured(&["token"]).spawn().unwrap()).await);
+    let token =
+        printed_token(&finish(configured(&["token", "--key", "grant-1"]).spawn().unwrap()).await);
+    assert!(own_store.exists(), "the grant is in the simulator's store");
+    assert!(!sandbox.config().exists() && !sandbox.store().exists());
 
     let api = |scope: &str| {
         let url = format!("{}?scope={scope}", field("api_url"));
@@ -1114,13 +1120,8 @@ async fn simulate_runs_as_a_process_that_other_processes_use() {
         "the grant was revoked"
     );
 
-    // SIGTERM: a clean stop.
-    let pid = simulator.id().unwrap().to_string();
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    // SIGTERM: a clean stop, its store removed.
+    terminate(&simulator);
     let stopped = finish(simulator).await;
     assert_exit(&stopped, 0);
     let printed: serde_json::Value = serde_json::from_str(stopped.stdout.trim()).unwrap();
@@ -1128,6 +1129,82 @@ async fn simulate_runs_as_a_process_that_other_processes_use() {
         printed, document,
         "stdout (--json) and the file say the same"
     );
+    assert!(!own_store.exists(), "the simulator's store is removed");
+}
+
+/// Sends SIGTERM to `child`.
+#[cfg(unix)]
+fn terminate(child: &Child) {
+    let pid = child.id().expect("the child runs").to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("run kill");
+    assert!(sent.success());
+}
+
+/// The text `simulate` prints: the shell lines unset what the mode does not use (a
+/// token URL left from a Lucid run would override HighQ's) and quote what the shell
+/// would split; they work as printed.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread")]
+async fn simulate_prints_shell_lines_that_work_as_printed() {
+    let sandbox = Sandbox::new();
+    let mut simulator = sandbox
+        .command(&["simulate", "--mode", "highq", "--client-id", "my client"])
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(simulator.stdout.take().unwrap()).lines();
+    let mut printed = String::new();
+    let read = async {
+        while let Some(line) = stdout.next_line().await.unwrap() {
+            printed.push_str(&line);
+            printed.push('\n');
+            if line == "Stop it with Ctrl-C." {
+                return;
+            }
+        }
+        panic!("the simulator ended early");
+    };
+    tokio::time::timeout(COMMAND_TIMEOUT, read).await.unwrap();
+    let shell_lines: Vec<&str> = printed
+        .lines()
+        .skip_while(|l| !l.starts_with("  unset "))
+        .take_while(|l| !l.is_empty())
+        .collect();
+    assert!(
+        shell_lines[0].contains("TOKENKEEPER_TOKEN_URL"),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("TOKENKEEPER_CLIENT_ID='my client'"),
+        "{printed}"
+    );
+    // The lines, run by a shell with stale settings from another run in its environment.
+    let script = format!("set -e\n{}\n", shell_lines.join("\n"));
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_tokenkeeper"))
+        .parent()
+        .unwrap()
+        .to_owned();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut run = Command::new("sh");
+    run.arg("-c")
+        .arg(&script)
+        .env("PATH", path)
+        .env("HOME", sandbox.dir.path())
+        .env("TOKENKEEPER_TOKEN_URL", "http://127.0.0.1:9/stale")
+        .env("TOKENKEEPER_KEY", "stale")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let output = finish(run.spawn().unwrap()).await;
+    printed_token(&output);
+    terminate(&simulator);
+    simulator.wait().await.unwrap();
 }
 
 /// A port already taken: exit 78, naming the port.

@@ -351,9 +351,9 @@ async fn a_follow_whose_read_fails_is_tried_again_a_few_times() {
     let third = a.access_token().await.unwrap();
     assert_ne!(third, second);
     // Two saves heard (A's write-ahead record and its new set), each followed once; the
-    // last follow retried three times (250 + 500 + 1000 ms); a retry never overlaps a
-    // newer follow's.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // last follow retried three times (about 250 + 500 + 1000 ms, at most 2.6 s); a
+    // retry never overlaps a newer follow's.
+    tokio::time::sleep(Duration::from_secs(4)).await;
     let tried = faulty.counts().calls_of(StoreOp::Load) - loads;
     assert!((4..=5).contains(&tried), "{tried} reads");
     tokio::time::sleep(Duration::from_secs(2)).await;

@@ -8,6 +8,7 @@
 //! issued. These are the simulator's own throwaway values, printed by design; nothing
 //! else the command does shows a secret.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -77,7 +78,7 @@ pub(crate) struct SimulateArgs {
     #[arg(long, value_name = "DURATION", value_parser = duration::parse)]
     refresh_lifetime: Option<Duration>,
     /// The client id the simulator accepts (its secret is printed with it)
-    #[arg(long, default_value = "sim-client")]
+    #[arg(long, default_value = "sim-client", value_parser = clap::builder::NonEmptyStringValueParser::new())]
     client_id: String,
     /// Print one JSON document instead of text
     #[arg(long)]
@@ -91,6 +92,16 @@ pub(crate) struct SimulateArgs {
 /// Starts the simulator, prints what a client needs, and serves until interrupted
 /// (Ctrl-C, SIGTERM).
 pub(crate) async fn simulate(args: SimulateArgs) -> Result<(), Failure> {
+    // Listening for the signals first: a supervisor may stop the simulator as soon as
+    // the file it writes appears.
+    let stop =
+        Stop::listen().map_err(|e| Failure::other(format!("cannot listen for signals: {e}")))?;
+    // The grants live as long as this process: `import` and `token` keep them in a
+    // configuration and a store of its own, never the user's.
+    let home = tempfile::Builder::new()
+        .prefix("tokenkeeper-simulate-")
+        .tempdir()
+        .map_err(|e| Failure::other(format!("cannot create a temporary directory: {e}")))?;
     let mut builder = Simulator::builder(args.mode.mode())
         .port(args.port)
         .client_id(args.client_id.clone())
@@ -118,48 +129,115 @@ pub(crate) async fn simulate(args: SimulateArgs) -> Result<(), Failure> {
             }
         })
         .collect();
-    let document = describe(&sim, args.mode, &args.client_id, &refresh_tokens);
+    let document = describe(&sim, &args, home.path(), &refresh_tokens);
     if let Some(path) = &args.write {
         write_private(path, &document)
             .map_err(|e| Failure::other(format!("cannot write {}: {e}", path.display())))?;
     }
-    if args.json {
-        println!("{document}");
+    let printed = if args.json {
+        format!("{document}\n")
     } else {
-        print!("{}", text(&document, args.mode));
-    }
-    // A script reading stdout sees everything before the simulator is up for good.
-    let _ = std::io::Write::flush(&mut std::io::stdout());
-    interrupted().await;
+        text(&document, args.mode)
+    };
+    // All of it before the simulator is up for good: a script reads it at once.
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(printed.as_bytes())
+        .and_then(|()| stdout.flush())
+        .map_err(|e| Failure::other(format!("cannot write to stdout: {e}")))?;
+    drop(stdout);
+    stop.wait().await;
     eprintln!("tokenkeeper: simulator stopped");
+    drop(home);
     Ok(())
 }
 
-/// What a client needs, as one JSON document.
+/// The variables a mode does not set, unset before its own are exported: a value left
+/// from another run would point the command elsewhere.
+const UNSET: [&str; 6] = [
+    "TOKENKEEPER_BASE_URL",
+    "TOKENKEEPER_TOKEN_URL",
+    "TOKENKEEPER_REVOCATION_URL",
+    "TOKENKEEPER_KEY",
+    "TOKENKEEPER_PROFILE",
+    "TOKENKEEPER_SCOPE",
+];
+
+/// What a client needs, as one JSON document: the endpoints, the credentials, the
+/// grants, and the environment (`env`, after unsetting `unset`) that points the
+/// `tokenkeeper` command at the simulator with a configuration and a store of its own.
 fn describe(
     sim: &Simulator,
-    mode: SimMode,
-    client_id: &str,
+    args: &SimulateArgs,
+    home: &Path,
     refresh_tokens: &[String],
 ) -> serde_json::Value {
-    let grant_scopes = sim.grant_scopes(0).unwrap_or_default();
+    let provider = args.mode.provider();
+    let mut env = serde_json::Map::new();
+    let mut set = |name: &str, value: String| {
+        env.insert(name.to_owned(), value.into());
+    };
+    set(
+        "TOKENKEEPER_CONFIG",
+        home.join("config.toml").display().to_string(),
+    );
+    set(
+        "TOKENKEEPER_STORE",
+        home.join("grants").display().to_string(),
+    );
+    set("TOKENKEEPER_PROVIDER", provider.to_owned());
+    if args.mode == SimMode::Highq {
+        set("TOKENKEEPER_BASE_URL", sim.base_url().to_string());
+    } else {
+        set("TOKENKEEPER_TOKEN_URL", sim.token_url().to_string());
+    }
+    set(
+        "TOKENKEEPER_AUTHORIZATION_URL",
+        sim.authorization_url().to_string(),
+    );
+    set(
+        "TOKENKEEPER_DEVICE_AUTHORIZATION_URL",
+        sim.device_authorization_url().to_string(),
+    );
+    if let Some(url) = sim.revocation_url() {
+        set("TOKENKEEPER_REVOCATION_URL", url.to_string());
+    }
+    set("TOKENKEEPER_CLIENT_ID", args.client_id.clone());
+    set("TOKENKEEPER_CLIENT_SECRET", CLIENT_SECRET.to_owned());
+    let unset: Vec<&str> = UNSET
+        .iter()
+        .copied()
+        .filter(|name| !env.contains_key(*name))
+        .collect();
     json!({
-        "mode": mode.provider(),
-        "provider": mode.provider(),
+        "mode": provider,
+        "provider": provider,
         "base_url": sim.base_url().as_str(),
         "token_url": sim.token_url().as_str(),
         "authorization_url": sim.authorization_url().as_str(),
         "device_authorization_url": sim.device_authorization_url().as_str(),
         "revocation_url": sim.revocation_url().map(|u| u.to_string()),
         "api_url": sim.api_url().as_str(),
-        "client_id": client_id,
+        "client_id": args.client_id,
         "client_secret": CLIENT_SECRET,
-        "scopes": grant_scopes,
+        "scopes": sim.grant_scopes(0).unwrap_or_default(),
         "refresh_tokens": refresh_tokens,
+        "keys": keys(refresh_tokens.len()),
+        "env": env,
+        "unset": unset,
     })
 }
 
-/// The document as text, with the environment that points `tokenkeeper` at it.
+/// The store key of each grant: `default` for a single one (what `import` and `token`
+/// use without `--key`), else `grant-1`, `grant-2`...
+fn keys(grants: usize) -> Vec<String> {
+    if grants == 1 {
+        return vec!["default".into()];
+    }
+    (1..=grants).map(|i| format!("grant-{i}")).collect()
+}
+
+/// The document as text, with the shell lines that point `tokenkeeper` at it.
 fn text(document: &serde_json::Value, mode: SimMode) -> String {
     let field = |name: &str| document[name].as_str().unwrap_or_default().to_owned();
     let list = |name: &str| -> Vec<String> {
@@ -181,8 +259,7 @@ fn text(document: &serde_json::Value, mode: SimMode) -> String {
         format!("authorization URL:  {}", field("authorization_url")),
         format!("device URL:         {}", field("device_authorization_url")),
     ];
-    let revocation = document["revocation_url"].as_str();
-    if let Some(url) = revocation {
+    if let Some(url) = document["revocation_url"].as_str() {
         lines.push(format!("revocation URL:     {url}"));
     }
     lines.push(format!(
@@ -192,43 +269,63 @@ fn text(document: &serde_json::Value, mode: SimMode) -> String {
     lines.push(format!("client id:          {}", field("client_id")));
     lines.push(format!("client secret:      {}", field("client_secret")));
     lines.push(format!("scopes:             {}", list("scopes").join(" ")));
-    for token in list("refresh_tokens") {
-        lines.push(format!("refresh token:      {token}"));
+    let tokens = list("refresh_tokens");
+    let keys = list("keys");
+    for (token, key) in tokens.iter().zip(&keys) {
+        lines.push(format!("refresh token:      {token} (key {key})"));
     }
-    let mut env = vec![format!("TOKENKEEPER_PROVIDER={}", mode.provider())];
-    if mode == SimMode::Highq {
-        env.push(format!("TOKENKEEPER_BASE_URL={}", field("base_url")));
-    } else {
-        env.push(format!("TOKENKEEPER_TOKEN_URL={}", field("token_url")));
-    }
-    env.push(format!(
-        "TOKENKEEPER_AUTHORIZATION_URL={}",
-        field("authorization_url")
-    ));
-    env.push(format!(
-        "TOKENKEEPER_DEVICE_AUTHORIZATION_URL={}",
-        field("device_authorization_url")
-    ));
-    if let Some(url) = revocation {
-        env.push(format!("TOKENKEEPER_REVOCATION_URL={url}"));
-    }
-    env.push(format!("TOKENKEEPER_CLIENT_ID={}", field("client_id")));
-    env.push(format!(
-        "TOKENKEEPER_CLIENT_SECRET={}",
-        field("client_secret")
-    ));
+    let exports: Vec<String> = document["env"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(name, value)| format!("{name}={}", shell(value.as_str().unwrap_or_default())))
+        .collect();
     lines.push(String::new());
     lines.push("Each refresh token is single-use: presenting one twice revokes its grant.".into());
-    lines.push("To use it with tokenkeeper:".into());
+    lines.push(
+        "To use it with tokenkeeper (a configuration and a store of its own, removed when it stops):"
+            .into(),
+    );
     lines.push(String::new());
-    lines.push(format!("  export {}", env.join(" \\\n    ")));
-    lines.push("  echo <refresh token> | tokenkeeper import".into());
-    lines.push("  tokenkeeper token".into());
+    lines.push(format!("  unset {}", list("unset").join(" ")));
+    lines.push(format!("  export {}", exports.join(" \\\n    ")));
+    if let (Some(token), Some(key)) = (tokens.first(), keys.first()) {
+        let flag = if key == "default" {
+            String::new()
+        } else {
+            format!(" --key {key}")
+        };
+        lines.push(format!(
+            "  echo {} | tokenkeeper import{flag}",
+            shell(token)
+        ));
+        lines.push(format!("  tokenkeeper token{flag}"));
+        if tokens.len() > 1 {
+            lines.push(format!(
+                "  (likewise --key grant-2 to grant-{} with the other refresh tokens)",
+                tokens.len()
+            ));
+        }
+    }
     lines.push(String::new());
     lines.push("Stop it with Ctrl-C.".into());
     let mut out = lines.join("\n");
     out.push('\n');
     out
+}
+
+/// `value` as one shell word: as it is when it holds only characters no shell treats
+/// specially, else single-quoted.
+fn shell(value: &str) -> String {
+    let plain = !value.is_empty()
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-./:@%+=,".contains(c));
+    if plain {
+        value.to_owned()
+    } else {
+        format!("'{}'", value.replace('\'', r"'\''"))
+    }
 }
 
 /// Writes `document` to `path` whole: a temporary file beside it (mode 0600 on Unix),
@@ -240,31 +337,45 @@ fn write_private(path: &Path, document: &serde_json::Value) -> std::io::Result<(
     };
     let mut file = tempfile::NamedTempFile::new_in(dir)?;
     serde_json::to_writer_pretty(&mut file, document)?;
-    std::io::Write::write_all(&mut file, b"\n")?;
+    file.write_all(b"\n")?;
     file.as_file().sync_all()?;
     file.persist(path).map_err(|e| e.error)?;
     Ok(())
 }
 
-/// Ctrl-C, or (Unix) SIGTERM.
-async fn interrupted() {
+/// The signals that stop the simulator, listened for from the start: Ctrl-C, and on Unix
+/// SIGTERM.
+struct Stop {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut terminate) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = terminate.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
+    interrupt: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Stop {
+    fn listen() -> std::io::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Self {
+                interrupt: signal(SignalKind::interrupt())?,
+                terminate: signal(SignalKind::terminate())?,
+            })
         }
+        #[cfg(not(unix))]
+        Ok(Self {})
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+
+    #[cfg_attr(not(unix), allow(unused_mut))]
+    async fn wait(mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
