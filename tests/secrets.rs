@@ -209,3 +209,11 @@ async fn store_fault_types_debug_without_secrets() {
         assert_hidden("StoreError", &format!("{e} {e:?}"));
     }
 }
+
+/// The simulator's builder holds the client secret it accepts: its Debug hides it.
+#[test]
+fn the_simulators_builder_debugs_without_its_client_secret() {
+    let builder = tokenkeeper::testing::Simulator::builder(tokenkeeper::testing::Mode::Generic)
+        .client_secret(Some(CLIENT_SECRET));
+    assert_hidden("SimulatorBuilder", &format!("{builder:?} {builder:#?}"));
+}

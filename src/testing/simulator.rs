@@ -103,8 +103,7 @@ pub struct Counters {
     pub revocations: u64,
 }
 
-/// Configures a [`Simulator`].
-#[derive(Debug)]
+/// Configures a [`Simulator`]. Its `Debug` hides the client secret.
 pub struct SimulatorBuilder {
     mode: Mode,
     client_id: String,
@@ -125,6 +124,22 @@ pub struct SimulatorBuilder {
     device_code_lifetime: Duration,
     device_auto_approve_after: Option<u32>,
     port: u16,
+}
+
+impl fmt::Debug for SimulatorBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SimulatorBuilder")
+            .field("mode", &self.mode)
+            .field("client_id", &self.client_id)
+            .field(
+                "client_secret",
+                &self.client_secret.as_ref().map(|_| "[redacted]"),
+            )
+            .field("access_lifetime", &self.access_lifetime)
+            .field("refresh_lifetime", &self.refresh_lifetime)
+            .field("port", &self.port)
+            .finish_non_exhaustive()
+    }
 }
 
 impl SimulatorBuilder {
